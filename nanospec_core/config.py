@@ -1,0 +1,66 @@
+"""Configuration dataclasses: every knob with the reason it has its default.
+
+One request is described by a GenerationConfig (what to produce), a TreeConfig (how the
+draft tree is shaped) and a VocabConfig (which rows of the lm head the draft head scores).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy: the output must equal plain greedy decoding token for token
+    seed: int = 0  # sampling is reproducible for a given seed (one torch.Generator per request)
+    stop_on_eos: bool = True
+
+
+@dataclass
+class TreeConfig:
+    """EAGLE-2 dynamic tree shape.
+
+    EAGLE's GPU defaults (60 nodes, depth 6, top-k 10) assume verification is nearly free; on a 2-core CPU a
+    60-token target forward costs ~1.6x a one-token forward, so a smaller tree wins there (see docs/results.md).
+    """
+
+    depth: int = 5  # draft levels per round; bounds the tokens one round can commit at depth + 1
+    top_k: int = 8  # children expanded per node, and nodes kept per level (best k of k*k)
+    total_tokens: int = 24  # draft nodes verified per round (the root is extra)
+
+    @classmethod
+    def preset(cls, name: str) -> "TreeConfig":
+        presets = {
+            "cpu": cls(),
+            "gpu": cls(depth=6, top_k=10, total_tokens=60),  # EAGLE-2's published defaults
+            "chain": cls(depth=5, top_k=1, total_tokens=5),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown tree preset {name!r}; choose one of {sorted(presets)}")
+        return presets[name]
+
+
+@dataclass
+class VocabConfig:
+    """Active-vocabulary policy knobs (NanoSpec's in-context set and the static baseline)."""
+
+    static_k: int = 32768  # FR-Spec: the K most frequent tokens; 32k keeps ~95% of ShareGPT token mass
+    prompt_topk: int = 3  # target's top-k at every prompt position seeds the set (the paper's k = 3)
+    node_topk: int = 3  # target's top-k absorbed at every verified tree node
+    capacity: int = 4096  # bound on the active set (= rows in the persistent lm-head buffer)
+    static_core: int = 0  # always-active most-frequent tokens; 0 = pure in-context set
+    fallback_threshold: float = 0.0  # rolling hit rate under which one round drafts on the full vocabulary; 0 = off
+    fallback_window: int = 8  # rounds in the rolling hit rate
+
+
+@dataclass
+class ModelSpec:
+    name: str = "embedded"  # 'embedded', 'qwen2.5-coder-1.5b', a hub id or a local folder
+    dtype: str = "bfloat16"  # bf16 is the fastest on these CPUs (AMX); float32 for exactness checks
+    device: str = "cpu"
+    head: str | None = None  # EAGLE head: a folder, hub id, 'random', or None = the model's shipped head
+    extra: dict = field(default_factory=dict)
