@@ -55,6 +55,9 @@ class VocabConfig:
     static_core: int = 0  # always-active most-frequent tokens; 0 = pure in-context set
     fallback_threshold: float = 0.0  # rolling hit rate under which one round drafts on the full vocabulary; 0 = off
     fallback_window: int = 8  # rounds in the rolling hit rate
+    # dtype of the subset row buffer: 'auto' = float32 when bf16 weights sit on a CPU without native bf16 (AVX2
+    # only: there a bf16 GEMM is ~3x slower than fp32, and a 4k-row fp32 copy is small), else the weight's dtype
+    buffer_dtype: str = "auto"
 
 
 @dataclass

@@ -39,3 +39,51 @@ def tiny_hf_model(model_type: str = "qwen2", vocab: int = TINY_VOCAB, layers: in
 @pytest.fixture(params=["qwen2", "llama"])
 def tiny_model(request):
     return tiny_hf_model(request.param)
+
+
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|> {{ message['role'] }} {{ message['content'] }} <|im_end|> "
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+)
+
+
+def tiny_tokenizer(vocab: int = TINY_VOCAB):
+    """A byte-level BPE fast tokenizer of exactly `vocab` ids (trained in ~2 s on made-up text), chat template included.
+
+    Byte-level, because transformers picks the tokenizer class from the model type (Qwen2Tokenizer for qwen2) and
+    rebuilds it from the saved vocab and merges with Qwen's byte-level pre-tokenizer and decoder.
+    Ids 0, 1, 2 = pad, bos, eos, as in tiny_hf_model's config.
+    """
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    rng = random.Random(0)
+    common = ("the quick brown fox jumps over a lazy dog write python code def return print list sum of numbers "
+              "train travels km hours speed answer translate into french summarize this text please user "
+              "assistant").split()
+    letters = "abcdefghijklmnopqrstuvwxyz"
+
+    def word():
+        return rng.choice(common) if rng.random() < 0.5 else "".join(rng.choices(letters, k=rng.randint(2, 7)))
+
+    corpus = [" ".join(word() for _ in range(30)) for _ in range(3000)]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   additional_special_tokens=specials[3:], chat_template=TINY_CHAT_TEMPLATE)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A local model folder (tiny random Qwen2 + byte-level BPE tokenizer) that Session / NANOSPEC_MODEL can load."""
+    folder = tmp_path_factory.mktemp("tiny-qwen2")
+    tiny_hf_model("qwen2").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return str(folder)

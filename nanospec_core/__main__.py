@@ -1,0 +1,163 @@
+"""Command line: python -m nanospec_core {generate | bench | train-head | prepare | microbench} ...
+
+Errors end the process with exit code 2 and one line on stderr (no traceback) for bad arguments, unknown models
+and bad files.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import NanoSpecError
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="embedded", help="embedded | qwen2.5-coder-1.5b | hub id | local folder")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="bfloat16 is the fastest on these CPUs; float32 for exactness checks")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--head", default=None, help="EAGLE head: folder | hub id | random (default: shipped head)")
+
+
+def add_decode_args(parser: argparse.ArgumentParser) -> None:
+    """Tree and vocabulary knobs shared by generate and bench (defaults from the config dataclasses)."""
+    from .config import TreeConfig, VocabConfig
+
+    tree, vocab = TreeConfig(), VocabConfig()
+    parser.add_argument("--tree-preset", default=None, choices=["cpu", "gpu", "chain"])
+    parser.add_argument("--depth", type=int, default=tree.depth)
+    parser.add_argument("--top-k", type=int, default=tree.top_k)
+    parser.add_argument("--total-tokens", type=int, default=tree.total_tokens)
+    parser.add_argument("--static-k", type=int, default=vocab.static_k)
+    parser.add_argument("--capacity", type=int, default=vocab.capacity)
+    parser.add_argument("--prompt-topk", type=int, default=vocab.prompt_topk)
+    parser.add_argument("--node-topk", type=int, default=vocab.node_topk)
+    parser.add_argument("--static-core", type=int, default=vocab.static_core)
+    parser.add_argument("--fallback-threshold", type=float, default=vocab.fallback_threshold)
+
+
+def decode_configs(args):
+    from .config import TreeConfig, VocabConfig
+
+    if args.tree_preset:
+        tree = TreeConfig.preset(args.tree_preset)
+    else:
+        tree = TreeConfig(depth=args.depth, top_k=args.top_k, total_tokens=args.total_tokens)
+    if not (1 <= tree.depth <= 16 and 1 <= tree.top_k <= 64 and 1 <= tree.total_tokens <= 256):
+        raise NanoSpecError("tree settings out of range: depth 1..16, top-k 1..64, total-tokens 1..256")
+    vocab = VocabConfig(static_k=args.static_k, capacity=args.capacity, prompt_topk=args.prompt_topk,
+                        node_topk=args.node_topk, static_core=args.static_core,
+                        fallback_threshold=args.fallback_threshold)
+    return tree, vocab
+
+
+def cmd_generate(args) -> int:
+    from .config import GenerationConfig
+    from .session import Session
+
+    session = Session(args.model, dtype=args.dtype, device=args.device, head=args.head, progress=not args.json)
+    tree, vocab = decode_configs(args)
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    result = session.generate(args.method, args.prompt, gen, raw=args.raw, tree=tree, vocab=vocab)
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        s = result.summary
+        print(result.text)
+        tau = f"{s.mean_accepted:.2f}" if s.mean_accepted else "-"
+        print(f"\n[{result.method}] {s.new_tokens} tokens in {s.wall_s:.2f} s = {s.tokens_per_s:.2f} tok/s, "
+              f"tau {tau}, avg active vocab {s.avg_active_vocab or '-'}, coverage {s.coverage or '-'}",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from .models.loading import load_model
+    from .vocab.frequency import build_frequency_table
+
+    loaded = load_model(args.model, dtype="bfloat16", progress=True)
+    out = args.out or os.path.join("assets", "frequency", f"{loaded.key}.safetensors")
+    build_frequency_table(loaded.tokenizer, loaded.key, out, args.limit)
+    print(out)
+    return 0
+
+
+def cmd_microbench(args) -> int:
+    from .vocab.subset_head import microbench
+
+    print("| active rows | subset lm head (ms) | full lm head (ms) | ratio |")
+    print("|---|---|---|---|")
+    for size, subset_ms, full_ms in microbench(m=args.rows):
+        print(f"| {size} | {subset_ms:.3f} | {full_ms:.3f} | {subset_ms / full_ms:.3f} |")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m nanospec_core", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="decode one prompt")
+    add_model_args(gen)
+    gen.add_argument("--method", default="nanospec", choices=["vanilla", "hf", "hf-lookup", "eagle", "static",
+                                                               "nanospec"])
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
+    gen.add_argument("--json", action="store_true", help="print one JSON object (the documented contract)")
+    add_decode_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="Spec-Bench-format benchmark of several methods")
+    add_model_args(bench)
+    add_decode_args(bench)
+    try:
+        from .bench import add_arguments as bench_arguments, run as bench_run
+    except ImportError:  # the runner module is optional until it lands
+        bench_arguments = bench_run = None
+    if bench_arguments:
+        bench_arguments(bench)
+        bench.set_defaults(func=bench_run)
+
+    train = sub.add_parser("train-head", help="train an EAGLE-2 head for a target (CPU or GPU)")
+    try:
+        from .train_head import add_arguments as train_arguments, run as train_run
+    except ImportError:
+        train_arguments = train_run = None
+    if train_arguments:
+        train_arguments(train)
+        train.set_defaults(func=train_run)
+
+    prep = sub.add_parser("prepare", help="build the static frequency table from ShareGPT for a model's tokenizer")
+    prep.add_argument("--model", default="embedded")
+    prep.add_argument("--out", default=None)
+    prep.add_argument("--limit", type=int, default=20000, help="conversations to count")
+    prep.set_defaults(func=cmd_prepare)
+
+    micro = sub.add_parser("microbench", help="subset lm head vs full lm head at active sizes 256..8192")
+    micro.add_argument("--rows", type=int, default=10, help="hidden rows per call (draft nodes per level)")
+    micro.set_defaults(func=cmd_microbench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.error(f"command {args.command!r} is not available in this build")
+    try:
+        return args.func(args)
+    except NanoSpecError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

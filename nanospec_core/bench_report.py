@@ -1,0 +1,71 @@
+"""Plotly charts of a benchmark: speedup per category, and where the draft time goes (backbone / lm head / gather /
+tree) per method. HTML always (plotly.js inlined: the files open offline); PNG only when a static engine works.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+SPLIT_LABELS = {"backbone": "backbone", "lm_head": "lm head", "gather": "gather wait", "tree": "tree"}
+log = logging.getLogger(__name__)
+
+
+def speedup_figure(summary: pd.DataFrame, baseline: str):
+    """Grouped bars: x = category (then 'overall'), one bar per method, y = tokens/s over the baseline's."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for method in dict.fromkeys(summary.method):
+        part = summary[summary.method == method]
+        fig.add_bar(name=method, x=list(part.category), y=list(part.speedup),
+                    text=[f"{v:.2f}x" for v in part.speedup], textposition="outside",
+                    customdata=list(part["tokens/s"]), hovertemplate="%{x}: %{y:.3f}x (%{customdata:.2f} tok/s)")
+    fig.add_hline(y=1.0, line_dash="dot", line_color="gray")
+    fig.update_layout(barmode="group", title=f"Speedup over {baseline} (tokens/s ratio)", yaxis_title="speedup",
+                      xaxis_title="category", legend_title="method", template="plotly_white")
+    return fig
+
+
+def draft_split_figure(draft: pd.DataFrame):
+    """Stacked bars: per draft method, ms per round spent in each draft stage."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    if not draft.empty:
+        for part, label in SPLIT_LABELS.items():
+            column = f"{part} ms/round"
+            fig.add_bar(name=label, x=list(draft.method), y=list(draft[column]),
+                        hovertemplate=f"%{{x}} {label}: %{{y:.3f}} ms/round")
+    fig.update_layout(barmode="stack", title="Draft time per round", yaxis_title="ms per round",
+                      xaxis_title="method", legend_title="stage", template="plotly_white")
+    return fig
+
+
+def png_engine_available() -> bool:
+    """kaleido (1.x drives a local Chrome/Chromium) is optional: without it the charts are HTML only."""
+    try:
+        import kaleido  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def write_figures(figures: dict, out: Path) -> list[Path]:
+    """name.html for every figure; name.png too when kaleido can render (failures only skip the PNGs)."""
+    written = []
+    for name, fig in figures.items():
+        path = out / f"{name}.html"
+        fig.write_html(path, include_plotlyjs=True)
+        written.append(path)
+    if png_engine_available():
+        for name, fig in figures.items():
+            path = out / f"{name}.png"
+            try:
+                fig.write_image(path, width=900, height=500)
+            except Exception as error:  # no browser for kaleido, sandbox refusal, ...: keep the HTML
+                log.warning("PNG export skipped (%s)", str(error).splitlines()[0] if str(error) else error)
+                break
+            written.append(path)
+    return written

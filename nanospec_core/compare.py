@@ -1,0 +1,121 @@
+"""Two methods on one prompt, run round by round in alternation, so neither steals the CPU from the other.
+
+The app's side-by-side view (plain EAGLE left, EAGLE + NanoSpec right) needs both runs live at once. Running them
+in two threads would make them fight over the same cores and spoil both timings; running one after the other would
+keep the user waiting twice. Instead ONE generator calls `next()` on the two `Session.stream` generators in turn:
+each round runs alone on the machine, and each run's clock counts only the time spent inside its own `next()` calls
+(its prefill included), so tokens/s stay comparable.
+
+    for pair in compare_runs(session, session.encode("Write a quicksort."), GenerationConfig(max_new_tokens=64)):
+        print(pair.left.text, "|", pair.right.text)
+    # pair.done once both finished; first_difference(pair.left.token_ids, pair.right.token_ids) at temperature 0
+
+Closing the generator (Stop in the app, or an abandoned client) closes both inner generators right away, which
+frees their KV caches and vocabulary buffers.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .config import GenerationConfig, TreeConfig, VocabConfig
+from .metrics import RunSummary, StepStats, summarize
+
+DEFAULT_METHODS = ("eagle", "nanospec")  # left: plain EAGLE-2 (full-vocab draft lm head); right: EAGLE + NanoSpec
+
+
+@dataclass
+class RunTrace:
+    """One method's run so far: its rounds, committed ids, and the wall time spent in its own rounds."""
+
+    method: str
+    steps: list[StepStats] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    wall_s: float = 0.0  # sum of this run's next() calls only: the other run's rounds are not counted
+    finished: bool = False
+    text: str = ""
+
+    @property
+    def rounds(self) -> list[StepStats]:
+        """Draft/verify rounds (round 0, the prefill, left out)."""
+        return [s for s in self.steps if s.round > 0]
+
+    def summary(self) -> RunSummary:
+        return summarize(self.steps, self.wall_s)
+
+
+@dataclass
+class ComparePair:
+    """A snapshot after each alternation: the two traces (live objects, updated in place) and what changed."""
+
+    left: RunTrace
+    right: RunTrace
+    new_steps: dict[str, StepStats]  # method -> the round it produced in this alternation
+
+    @property
+    def done(self) -> bool:
+        return self.left.finished and self.right.finished
+
+
+def _advance(trace: RunTrace, stream: Iterator[StepStats], clock) -> StepStats | None:
+    """Run one round of `stream` and account for it in `trace`; None once the stream is exhausted."""
+    start = clock()
+    step = next(stream, None)
+    trace.wall_s += clock() - start
+    if step is None:
+        trace.finished = True
+        return None
+    trace.steps.append(step)
+    trace.token_ids.extend(step.tokens)
+    trace.finished = step.finished
+    return step
+
+
+def compare_runs(session, prompt_ids: torch.Tensor, gen: GenerationConfig, tree: TreeConfig | None = None,
+                 vocab: VocabConfig | None = None, methods: tuple[str, str] = DEFAULT_METHODS,
+                 decode_text: bool = True) -> Iterator[ComparePair]:
+    """Alternate one round of each method until both finish; yield a ComparePair after every alternation.
+
+    Both streams are created (head and vocabulary policy set up) before either clock starts. With decode_text the
+    traces' `text` is refreshed for the methods that advanced.
+    """
+    tree, vocab = tree or TreeConfig(), vocab or VocabConfig()
+    cuda = session.target.device.type == "cuda"
+    clock = (lambda: (torch.cuda.synchronize(), time.perf_counter())[1]) if cuda else time.perf_counter
+
+    traces = [RunTrace(method) for method in methods]
+    streams = []
+    try:
+        for method in methods:
+            streams.append(session.stream(method, prompt_ids, gen, tree, vocab))
+        while not all(trace.finished for trace in traces):
+            new_steps = {}
+            for trace, stream in zip(traces, streams):
+                if trace.finished:
+                    continue
+                step = _advance(trace, stream, clock)
+                if step is not None:
+                    new_steps[trace.method] = step
+                    if decode_text:
+                        trace.text = session.decode(trace.token_ids)
+            yield ComparePair(traces[0], traces[1], new_steps)
+    finally:
+        for stream in streams:  # GeneratorExit into the engine loops: their caches are released now
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """Index of the first position where the id lists differ (a length difference counts), None if equal.
+
+    >>> first_difference([1, 2, 3], [1, 2, 4]), first_difference([1, 2], [1, 2, 5]), first_difference([7], [7])
+    (2, 2, None)
+    """
+    for index, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return index
+    return None if len(a) == len(b) else min(len(a), len(b))

@@ -1,0 +1,172 @@
+"""The speculative decode loop (EAGLE-2 dynamic tree, any vocabulary policy) as a generator of StepStats.
+
+One request, read top to bottom:
+    prefill      target forward over the prompt -> KV cache, features, the first token (the first "root")
+    per round:
+      absorb     the head runs over the pairs committed last round: (feature f_t, token x_{t+1})
+      draft      dynamic tree from the head; its lm head scores only the policy's active rows
+      verify     target forward over [root, tree nodes] with the tree mask -> accepted path + bonus token
+      commit     keep the path's KV entries; the bonus token becomes the next root
+      observe    the policy absorbs drafted ids and the target's top-k at every verified node
+Token bookkeeping: the target cache holds every committed token except the root, which is fed first in the next
+verify forward. The head's pair at position t couples the target feature f_t with token x_{t+1}: after a round that
+accepted path [root, a, b] with bonus c, the new pairs are (f_root, a), (f_a, b), (f_b, c).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from ..config import GenerationConfig, TreeConfig
+from ..metrics import StepStats
+from ..models.target import TargetModel
+from .tree import DraftTree, build_tree
+from .verify import sample_token, verify_greedy, verify_sampling
+
+
+class Clock:
+    """Wall clock that synchronizes the device first, so GPU work is counted where it was issued."""
+
+    def __init__(self, device: torch.device):
+        cuda = torch.device(device).type == "cuda"
+        self._sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def __call__(self) -> float:
+        self._sync()
+        return time.perf_counter()
+
+
+@dataclass
+class Request:
+    """What one decode needs besides the models: the prompt, the limits, the ids that end generation."""
+
+    prompt_ids: torch.Tensor  # [P]
+    gen: GenerationConfig
+    stop_ids: frozenset[int]
+
+    def generator(self, device) -> torch.Generator | None:
+        if self.gen.temperature <= 0:
+            return None
+        g = torch.Generator(device=device)
+        g.manual_seed(self.gen.seed)
+        return g
+
+
+def choose(logits: torch.Tensor, request: Request, generator) -> int:
+    """The target's next token from logits [V]: argmax when greedy, else a sample at the request's temperature."""
+    if request.gen.temperature <= 0:
+        return int(logits.argmax())
+    return sample_token(logits, request.gen.temperature, generator)
+
+
+def clip_tokens(tokens: list[int], produced: int, request: Request) -> tuple[list[int], bool]:
+    """Cut a round's committed tokens at the first stop id (kept) or at max_new_tokens; say whether we are done."""
+    budget = request.gen.max_new_tokens - produced
+    for i, token in enumerate(tokens[:budget]):
+        if request.gen.stop_on_eos and token in request.stop_ids:
+            return tokens[: i + 1], True
+    clipped = tokens[:budget]
+    return clipped, produced + len(clipped) >= request.gen.max_new_tokens
+
+
+def speculative_decode(target: TargetModel, head, policy, request: Request, tree_cfg: TreeConfig,
+                       special_ids: torch.Tensor | None = None) -> Iterator[StepStats]:
+    """Yield round 0 (prefill + first token), then one StepStats per draft/verify round until EOS or the limit."""
+    clock, device = Clock(target.device), target.device
+    generator = request.generator(device)
+    prompt = request.prompt_ids.to(device)
+    # committed tokens + the largest pending tail: a verified tree (target) or the fed draft levels (head)
+    max_len = prompt.numel() + request.gen.max_new_tokens + max(tree_cfg.total_tokens, tree_cfg.top_k * tree_cfg.depth) + 2
+    target_cache, head_cache = target.new_cache(max_len), head.new_cache(max_len)
+
+    # Prefill: every prompt position's features, and the target's top-k there to seed the active vocabulary.
+    t0 = clock()
+    out = target.forward(prompt, target_cache, aux_layers=head.aux_layers)
+    target_cache.commit()
+    root = choose(target.logits(out.hidden[-1:])[0], request, generator)
+    seed_topk = target.topk_ids(out.hidden, policy.prompt_topk) if policy.prompt_topk else None
+    specials = special_ids if special_ids is not None else torch.tensor(sorted(request.stop_ids), dtype=torch.long)
+    policy.begin(prompt, seed_topk, specials.to(device))
+    tokens, done = clip_tokens([root], 0, request)
+    produced = len(tokens)
+    yield StepStats(round=0, tokens=tokens, accepted=len(tokens), prefill_ms=(clock() - t0) * 1e3, finished=done)
+
+    pair_ids = torch.cat([prompt[1:], torch.tensor([root], device=device)])  # tokens x_{t+1} of the new pairs
+    pair_features = head.target_features(out)  # f_t, [P, F]
+    round_index = 0
+    while not done:
+        round_index += 1
+        stats = StepStats(round=round_index, tokens=[], accepted=0)
+        timers = {"backbone": 0.0, "lm_head": 0.0}
+
+        def timed(name, fn):
+            def wrapper(*args):
+                start = clock()
+                result = fn(*args)
+                timers[name] += clock() - start
+                return result
+            return wrapper
+
+        # --- draft -------------------------------------------------------------------------------------
+        t_draft = clock()
+        policy.prepare()  # launch the gather of rows added last round (async on CUDA, overlaps the backbone)
+        absorb = timed("backbone", lambda ids, feats: head.forward(ids, feats, head_cache))
+        hidden = absorb(pair_ids, pair_features)  # [pairs, H]
+        head_cache.commit()
+        step = timed("backbone", lambda ids, feats, pos, mask: head.forward(ids, feats, head_cache, pos, mask))
+        topk = timed("lm_head", lambda h, k: policy.topk(head.lm_input(h), k))
+        root_logp, root_ids = topk(hidden[-1:], tree_cfg.top_k)
+        tree = build_tree(root_logp[0], root_ids[0], hidden[-1], step, topk, tree_cfg,
+                          base_position=head_cache.length)
+        head_cache.discard()  # draft levels are never committed: next round re-absorbs the verified pairs
+        draft_s = clock() - t_draft
+
+        # --- verify ------------------------------------------------------------------------------------
+        t_verify = clock()
+        acceptance, out, logits = verify_tree(target, target_cache, head, tree, root, request, generator)
+        verify_s = clock() - t_verify
+
+        # --- commit + observe --------------------------------------------------------------------------
+        committed, done = clip_tokens(acceptance.tokens, produced, request)
+        produced += len(committed)
+        committed_ids = torch.tensor(committed, dtype=torch.long, device=device)
+        hits = policy.contains(committed_ids)
+        path = torch.tensor(acceptance.path, dtype=torch.long, device=device)
+        target_cache.commit(path)  # root + accepted nodes; the bonus token is the next root
+        node_topk = logits.topk(policy.node_topk, dim=-1).indices if policy.node_topk else None
+        policy.observe(tree.tokens.to(device), node_topk, committed_ids, hits)
+        pair_ids = torch.tensor(acceptance.tokens, dtype=torch.long, device=device)
+        pair_features = head.target_features(out)[path]
+        root = acceptance.bonus
+
+        gather_s = getattr(policy, "last_gather_s", 0.0)
+        stats.tokens, stats.accepted, stats.tree_size, stats.finished = committed, len(committed), len(tree), done
+        stats.active_vocab = policy.size
+        stats.hits = hits.tolist()
+        stats.origins = policy.origins(committed_ids) if hasattr(policy, "origins") else None
+        stats.fallback = bool(getattr(policy, "last_round_full", False))
+        stats.draft_ms, stats.verify_ms = draft_s * 1e3, verify_s * 1e3
+        stats.backbone_ms, stats.lm_head_ms = timers["backbone"] * 1e3, timers["lm_head"] * 1e3
+        stats.gather_ms = gather_s * 1e3
+        stats.tree_ms = max(0.0, (draft_s - timers["backbone"] - timers["lm_head"] - gather_s) * 1e3)
+        yield stats
+
+
+def verify_tree(target: TargetModel, cache, head, tree: DraftTree, root: int, request: Request, generator):
+    """Target forward over [root, nodes] with the tree mask, then greedy or lossless-sampling acceptance.
+
+    Node i sits at position cache.length + depth(i): siblings share a position, as they would in their own
+    sequence. Returns (Acceptance, TargetOutput, logits [n + 1, V] float32).
+    """
+    device = target.device
+    ids = torch.cat([torch.tensor([root], device=device), tree.tokens.to(device)])  # [n + 1]
+    positions = cache.length + tree.position_offsets().to(device)
+    out = target.forward(ids, cache, positions=positions, tree_mask=tree.verify_mask().to(device),
+                         aux_layers=head.aux_layers)
+    logits = target.logits(out.hidden)  # [n + 1, V]
+    if request.gen.temperature <= 0:
+        return verify_greedy(tree, logits), out, logits
+    return verify_sampling(tree, logits, request.gen.temperature, generator), out, logits

@@ -1,0 +1,69 @@
+"""The baselines without a draft: our KV-cached autoregressive loop (`vanilla`) and transformers' `generate` (`hf`,
+`hf-lookup`), each a generator of StepStats so every method reports the same way.
+
+vanilla is gpt-fast's decode_one_token loop: one target forward per token, logits of the last row only.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from ..metrics import StepStats
+from ..models.target import TargetModel
+from .engine import Clock, Request, choose, clip_tokens
+
+
+def plain_decode(target: TargetModel, request: Request) -> Iterator[StepStats]:
+    """Yield round 0 (prefill + first token), then one StepStats per generated token."""
+    clock, device = Clock(target.device), target.device
+    generator = request.generator(device)
+    prompt = request.prompt_ids.to(device)
+    cache = target.new_cache(prompt.numel() + request.gen.max_new_tokens + 1)
+    t0 = clock()
+    hidden = target.forward(prompt, cache).hidden[-1:]
+    cache.commit()
+    token = choose(target.logits(hidden)[0], request, generator)
+    tokens, done = clip_tokens([token], 0, request)
+    produced = len(tokens)
+    yield StepStats(round=0, tokens=tokens, accepted=len(tokens), prefill_ms=(clock() - t0) * 1e3, finished=done)
+    step = 0
+    while not done:
+        step += 1
+        t0 = clock()
+        hidden = target.forward(torch.tensor([token], device=device), cache).hidden
+        cache.commit()
+        token = choose(target.logits(hidden)[0], request, generator)
+        tokens, done = clip_tokens([token], produced, request)
+        produced += len(tokens)
+        yield StepStats(round=step, tokens=tokens, accepted=len(tokens), verify_ms=(clock() - t0) * 1e3,
+                        finished=done)
+
+
+def hf_generate(hf_model, request: Request, prompt_lookup: int = 0) -> Iterator[StepStats]:
+    """transformers `generate` as users run it; prompt_lookup > 0 enables prompt-lookup decoding (training-free).
+
+    Sampling knobs from the model's generation_config (top-k/top-p/repetition penalty) are overridden so that every
+    method samples from the same plain softmax(logits / T) distribution. Yields one StepStats with all tokens.
+    """
+    clock = Clock(hf_model.device)
+    sampling = request.gen.temperature > 0
+    if sampling:
+        torch.manual_seed(request.gen.seed)
+    kwargs = dict(max_new_tokens=request.gen.max_new_tokens, do_sample=sampling, top_k=0, top_p=1.0,
+                  repetition_penalty=1.0, eos_token_id=sorted(request.stop_ids) if request.gen.stop_on_eos else None,
+                  pad_token_id=hf_model.config.eos_token_id if hf_model.config.pad_token_id is None else None)
+    if sampling:
+        kwargs["temperature"] = request.gen.temperature
+    else:
+        kwargs["temperature"] = None
+    if prompt_lookup:
+        kwargs["prompt_lookup_num_tokens"] = prompt_lookup
+    kwargs = {k: v for k, v in kwargs.items() if v is not None or k in ("temperature",)}
+    ids = request.prompt_ids.to(hf_model.device).unsqueeze(0)
+    t0 = clock()
+    with torch.inference_mode():
+        output = hf_model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    elapsed = clock() - t0
+    tokens, done = clip_tokens(output[0, ids.shape[1]:].tolist(), 0, request)
+    yield StepStats(round=0, tokens=tokens, accepted=len(tokens), prefill_ms=elapsed * 1e3, finished=True)

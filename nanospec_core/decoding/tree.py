@@ -1,0 +1,209 @@
+"""EAGLE-2 dynamic draft tree: expansion, layout, attention mask, retrieve paths.
+
+Reference: Li et al., "EAGLE-2: Faster Inference of Language Models with Dynamic Draft Trees" (2024), sec. 4.
+The draft head's cumulative log-probability of a node approximates the chance that the target accepts the
+whole path to it, so EAGLE-2 grows the tree where that value is highest:
+
+    score(node) = sum of draft log-probs along root -> node         (<= score(parent), log-probs are <= 0)
+    expand:  at every level keep the top_k best new nodes (the "frontier", best k of m*k children)
+    rerank:  over all candidates of all levels keep the total_tokens best; ancestor-closed, because a parent
+             scores at least as high as its children and ranks first on ties (it is shallower)
+
+Index spaces. Tree nodes are 0..n-1 (`parents` uses them, -1 = child of the root). The target verifies
+[root, node_0, ..., node_{n-1}], so in "verify space" node i is index i+1 and the root is index 0. The root is
+the last committed token, not yet in the target's KV cache.
+
+Worked example (top_k=2, depth=2, total_tokens=3): root top-2 = {a: -0.1, b: -1.2}; the head expands a and b;
+children a->c: -0.1-0.3, a->d: -0.1-2.0, b->e: -1.2-0.2, ... Best 3 over {a, b, c, d, e, ...} = a (-0.1),
+c (-0.4), b (-1.2): tokens [a, b, c], parents [-1, -1, 0], depths [1, 1, 2]; verify input [root, a, b, c].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from nanospec_core.config import TreeConfig
+
+# step(token_ids [m], parent_hidden [m, H], position_ids [m], attn_mask [m, F+m] bool) -> hidden [m, H]
+StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# topk(hidden [m, H], k) -> (log-probs [m, k], token ids [m, k]); -inf log-probs mark missing entries
+TopkFn = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class DraftTree:
+    tokens: torch.Tensor  # [n] long: token ids of the draft nodes, parents first (by depth, then score desc)
+    parents: torch.Tensor  # [n] long: parent node index, -1 for children of the root
+    depths: torch.Tensor  # [n] long: 1-based depth (children of the root are depth 1)
+    scores: torch.Tensor  # [n] float32: cumulative draft log-prob of the path root -> node
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def max_depth(self) -> int:
+        return int(self.depths.max()) if len(self) else 0
+
+    def verify_parents(self) -> torch.Tensor:
+        """[n+1] verify-space parent of every verify index; the root is its own parent (a fixed point)."""
+        return torch.cat([self.parents.new_zeros(1), self.parents + 1])
+
+    def verify_mask(self) -> torch.Tensor:
+        """[n+1, n+1] bool: mask[i, j] = True iff j is i or an ancestor of i (the root is everyone's ancestor).
+
+        Built by pointer jumping: walk every row up its parent chain at once, max_depth + 1 batched steps.
+        """
+        size = len(self) + 1
+        parent_v = self.verify_parents()
+        mask = torch.zeros(size, size, dtype=torch.bool, device=self.tokens.device)
+        rows = torch.arange(size, device=self.tokens.device)
+        ancestor = rows.clone()
+        for _ in range(self.max_depth + 1):
+            mask[rows, ancestor] = True
+            ancestor = parent_v[ancestor]  # the root maps to itself, so finished rows rewrite column 0
+        return mask
+
+    def position_offsets(self) -> torch.Tensor:
+        """[n+1] long: depth of every verify index (root 0); the target position is cache_len + offset."""
+        return torch.cat([self.depths.new_zeros(1), self.depths])
+
+    def children(self) -> list[list[int]]:
+        """Verify-space children of every verify index (0 = root), siblings by descending draft score."""
+        kids: list[list[int]] = [[] for _ in range(len(self) + 1)]
+        parents = self.parents.tolist()
+        for node in torch.argsort(self.scores, descending=True, stable=True).tolist():
+            kids[parents[node] + 1].append(node + 1)
+        return kids
+
+    def retrieve_paths(self) -> torch.Tensor:
+        """[num_leaves, max_depth+1] long: verify-space root-to-leaf paths, padded with -1 on the right.
+
+        paths[l, d] is the depth-d node on leaf l's path; a root-only tree gives [[0]].
+        """
+        size = len(self) + 1
+        parent_v = self.verify_parents()
+        is_leaf = torch.ones(size, dtype=torch.bool, device=self.tokens.device)
+        is_leaf[parent_v[1:]] = False
+        leaves = is_leaf.nonzero().squeeze(1)  # [L]
+        offsets = self.position_offsets()
+        paths = torch.full((leaves.shape[0], self.max_depth + 1), -1, dtype=torch.long, device=self.tokens.device)
+        rows = torch.arange(leaves.shape[0], device=self.tokens.device)
+        node = leaves
+        for _ in range(self.max_depth + 1):  # write each node at its own depth column, then climb
+            paths[rows, offsets[node]] = node
+            node = parent_v[node]
+        return paths
+
+    def path_to(self, verify_index: int) -> list[int]:
+        """Verify-space indices root .. verify_index."""
+        parents = self.parents.tolist()
+        path = [verify_index]
+        while path[-1] != 0:
+            path.append(parents[path[-1] - 1] + 1)
+        return path[::-1]
+
+
+@dataclass
+class _Candidates:
+    """Every node the expansion scored, level by level (flat, in expansion order); -inf entries are kept
+    in place (cheaper than filtering every level) and can never be chosen: _best skips them."""
+
+    tokens: list[torch.Tensor]  # per level [c_d] long
+    parents: list[torch.Tensor]  # per level [c_d] long: global candidate index of the parent, -1 at level 1
+    scores: list[torch.Tensor]  # per level [c_d] float32: cumulative log-prob, -inf = no such node
+
+    def add(self, tokens: torch.Tensor, parents: torch.Tensor, scores: torch.Tensor) -> int:
+        """Append a level; returns the global candidate index of its first entry."""
+        start = sum(t.shape[0] for t in self.tokens)
+        self.tokens.append(tokens)
+        self.parents.append(parents)
+        self.scores.append(scores)
+        return start
+
+
+def _best(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the `count` highest finite scores, best first; ties keep the earlier index (stable)."""
+    values, order = torch.sort(scores, descending=True, stable=True)
+    count = min(count, values.shape[0])
+    if count and values[count - 1].item() == float("-inf"):  # -inf sorts last: trim it
+        count = int(torch.isfinite(values[:count]).sum())
+    return order[:count]
+
+
+def build_tree(root_logp: torch.Tensor, root_ids: torch.Tensor, root_hidden: torch.Tensor, step: StepFn,
+               topk: TopkFn, cfg: TreeConfig, base_position: int) -> DraftTree:
+    """Grow an EAGLE-2 dynamic tree and keep its best cfg.total_tokens nodes.
+
+    root_logp, root_ids: [k] the draft's level-1 log-probs and ids (from the head's last committed output);
+    root_hidden: [H] the head hidden state that produced them (the parent hidden of level-1 nodes).
+    A level-d node is fed at position base_position + d - 1. Level d = 2..depth runs the head once on the
+    previous level's frontier (so depth levels cost depth - 1 step calls); the head's draft KV region grows
+    by m entries per call and attn_mask [m, F+m] shows each fed node its fed ancestors and itself.
+    """
+    device = root_ids.device
+    k = cfg.top_k
+    # log q <= 0; the clamp only removes rounding, so a child never outscores its parent (see _rerank)
+    level_scores = root_logp.float().clamp(max=0.0)  # [k0]
+    cands = _Candidates([], [], [])
+    level_start = cands.add(root_ids.long(), torch.full_like(root_ids, -1, dtype=torch.long), level_scores)
+
+    frontier = _best(level_scores, k)  # [m] rows of the newest level, best first
+    parent_hidden = root_hidden.reshape(1, -1).expand(len(frontier), -1)  # [m, H]
+    parent_fed = None  # [m] fed index of each frontier node's parent; None at level 1 (the root isn't fed)
+    # fed_mask[i, j]: fed draft entry i may attend fed entry j (j is i or its ancestor); grows by m rows a call
+    max_fed = k * max(cfg.depth - 1, 0)
+    fed_mask = torch.zeros(max_fed, max_fed, dtype=torch.bool, device=device)
+    fed = 0  # F: draft entries fed so far
+    for depth in range(2, cfg.depth + 1):
+        m = frontier.shape[0]
+        if m == 0:
+            break
+        new = torch.arange(fed, fed + m, device=device)  # [m] fed indices of this call's nodes
+        if parent_fed is not None:
+            fed_mask[new] = fed_mask[parent_fed]  # see what the parent sees ...
+        fed_mask[new, new] = True  # ... plus itself
+        attn_mask = fed_mask[fed:fed + m, :fed + m]  # [m, F+m]
+        positions = torch.full((m,), base_position + depth - 2, dtype=torch.long, device=device)  # level d-1
+        hidden = step(cands.tokens[-1][frontier], parent_hidden, positions, attn_mask)  # [m, H]
+
+        logp, ids = topk(hidden, k)  # [m, k] each
+        # score(child) = score(parent) + log q(child | path), over all m*k children (flattened row-major)
+        child_scores = level_scores[frontier][:, None] + logp.float().clamp(max=0.0)  # [m, k]
+        child_parents = (level_start + frontier).repeat_interleave(k)  # [m*k]
+        level_scores = child_scores.flatten()  # [m*k]
+        level_start = cands.add(ids.flatten().long(), child_parents, level_scores)
+
+        frontier = _best(level_scores, k)  # next frontier: best k of the m*k children
+        source = frontier // k  # [m'] row of each new frontier node's parent in this call
+        parent_hidden = hidden[source]  # [m', H]
+        parent_fed = fed + source  # [m']
+        fed += m
+
+    return _rerank(cands, cfg.total_tokens)
+
+
+def _rerank(cands: _Candidates, total_tokens: int) -> DraftTree:
+    """Keep the best total_tokens candidates of all levels and lay them out parents first.
+
+    Candidates are concatenated level by level, so a stable sort by score desc ranks by (score desc, depth asc):
+    a parent (score >= child's, shallower) always ranks before its children, hence any prefix is
+    ancestor-closed. The layout then sorts the kept nodes by depth (stable: score desc within a level).
+    """
+    tokens = torch.cat(cands.tokens)  # [C]
+    parents = torch.cat(cands.parents)  # [C] global candidate index, -1 at level 1
+    scores = torch.cat(cands.scores)  # [C]
+    level_sizes = torch.tensor([len(t) for t in cands.tokens], device=tokens.device)
+    depths = torch.repeat_interleave(torch.arange(1, len(level_sizes) + 1, device=tokens.device), level_sizes)
+
+    kept = _best(scores, total_tokens)  # [n] candidate indices, rank order
+    kept = kept[torch.sort(depths[kept], stable=True).indices]  # parents-first layout
+
+    # candidate index -> node index (shifted by one so that parent -1 maps to -1)
+    node_of = torch.full((len(tokens) + 1,), -1, dtype=torch.long, device=tokens.device)
+    node_of[kept + 1] = torch.arange(len(kept), device=tokens.device)
+    node_parents = node_of[parents[kept] + 1]  # [n]
+    if bool(((node_parents < 0) & (parents[kept] >= 0)).any()):
+        raise RuntimeError("draft tree is not ancestor-closed (NaN draft scores?)")
+    return DraftTree(tokens=tokens[kept], parents=node_parents, depths=depths[kept], scores=scores[kept])

@@ -1,0 +1,414 @@
+"""Train an EAGLE-2 draft head on a CPU: prepare data, extract target features, train, export.
+
+References: EAGLE (Li et al., 2024, arXiv:2401.15077) and its training script (SafeAILab/EAGLE eagle/train/main.py):
+for position t the head reads (token x_{t+1}, target feature f_t) and predicts f_{t+1}; the loss is
+1.0 * SmoothL1(f_hat_{t+1}, f_{t+1}) + 0.1 * CE(target's next-token distribution, softmax(lm_head(f_hat_{t+1}))),
+with uniform noise U(-0.5, 0.5) * 0.2 * 512 / H added to the input features (the head must tolerate its own errors
+when it drafts several levels on its own predictions), AdamW (0.9, 0.95) and gradient clipping.
+
+The CPU choice: the classification term through the full lm head (151,936 x 896) costs ~4x the head itself per
+token (forward + input gradient of a [T, 896] x [896, 151,936] product; ~440 tok/s fwd+bwd measured on 2 cores).
+We use a *sampled softmax*: per sequence, the candidate rows are the union of the target's top-8 ids at every
+position (precomputed at extraction) plus `negatives` uniform random ids; the target distribution is its top-8
+probabilities renormalised. The target's probable tokens are exactly the hard negatives the draft must rank, and
+the head at inference often scores a sub-vocabulary anyway (NanoSpec's active set). Measured on this CPU with a
+2-core budget shared with other jobs (see MEASUREMENTS below), the sampled softmax costs a few percent over the
+regression-only step while the full head divides throughput by ~3.
+Held-out metric: full-vocabulary top-1 agreement of the head's next token with the target's (one level), and a
+two-level estimate feeding the head's own predicted features back.
+
+MEASUREMENTS (2 shared cores, T = 1024 tokens per sequence, fwd+bwd, head with H=896, I=4864):
+  see `runs/bench_train.log`; filled in by the real run's log: `train: ... tok/s`.
+
+Usage:  python -m nanospec_core.train_head --model embedded --out assets/heads/qwen2.5-coder-0.5b-instruct \
+            --work runs/head_qwen05 --minutes 45 --sharegpt 600 --distill-minutes 12
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import NanoSpecError
+
+FEATURE_NOISE = 0.2  # EAGLE's uniform-noise "std"; scaled by 512 / H as in its training script
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss for one sequence
+
+
+def sequence_loss(head, seq: dict, lm_head_weight: torch.Tensor, negatives: int, noise: float,
+                  generator: torch.Generator | None = None, cls_weight: float = 0.1):
+    """EAGLE loss on one sequence dict (ids, hidden, loss_mask, topk_ids, topk_probs, see train_data).
+
+    Returns (loss, stats) with loss averaged over the masked positions; stats: n, vloss, ploss, correct (sampled
+    top-1 agreement with the target's argmax).
+    """
+    ids, hidden = seq["ids"], seq["hidden"]
+    T = ids.shape[0]
+    mask = seq["loss_mask"][1:]  # [T-1]: position t's prediction is f_{t+1}, scored when t+1 is an answer token
+    n = int(mask.sum())
+    if T < 2 or n == 0:
+        return None, None
+    dtype = next(p for p in head.parameters() if p.requires_grad).dtype
+    features = hidden[:-1].to(dtype)  # f_t [T-1, H]
+    if noise > 0:
+        u = torch.rand(features.shape, generator=generator, dtype=features.dtype)
+        features = features + (u - 0.5) * noise * 512 / features.shape[-1]
+    pred = head.forward(ids[1:], features, head.new_cache(T))  # f_hat_{t+1} [T-1, H]
+    target = hidden[1:].to(pred.dtype)
+    vloss = F.smooth_l1_loss(pred[mask], target[mask], reduction="none").mean(-1).mean()
+
+    top_ids, top_probs = seq["topk_ids"][1:][mask], seq["topk_probs"][1:][mask]  # [n, k]
+    rand_ids = torch.randint(0, lm_head_weight.shape[0], (negatives,), generator=generator)
+    candidates, inverse = torch.unique(torch.cat([top_ids.reshape(-1), rand_ids]), return_inverse=True)
+    top_cols = inverse[: top_ids.numel()].view_as(top_ids)  # [n, k] columns of each target top-k id
+    rows = lm_head_weight[candidates].to(pred.dtype)  # [C, H]
+    logits = head.lm_input(pred[mask]) @ rows.T  # [n, C]
+    logp = logits.float().log_softmax(-1).gather(1, top_cols)  # [n, k]
+    p = top_probs / top_probs.sum(-1, keepdim=True)
+    ploss = -(p * logp).sum(-1).mean()
+    correct = int((logits.argmax(-1) == top_cols[:, 0]).sum())
+    loss = vloss + cls_weight * ploss
+    return loss, {"n": n, "vloss": float(vloss), "ploss": float(ploss), "correct": correct}
+
+
+@torch.no_grad()
+def evaluate(head, sequences, lm_head_weight: torch.Tensor, max_positions: int = 4000) -> dict:
+    """Full-vocab top-1 agreement with the target: one level (true features) and two levels (own prediction)."""
+    was_training = head.training
+    head.eval()
+    hits1 = hits2 = total1 = total2 = 0
+    for seq in sequences:
+        if total1 >= max_positions:
+            break
+        ids, hidden, mask = seq["ids"], seq["hidden"], seq["loss_mask"]
+        T = ids.shape[0]
+        if T < 3:
+            continue
+        dtype = next(head.parameters()).dtype
+        pred = head.forward(ids[1:], hidden[:-1].to(dtype), head.new_cache(T))  # f_hat_{t+1} [T-1, H]
+        top1 = seq["topk_ids"][:, 0]
+        guess1 = (head.lm_input(pred).to(lm_head_weight.dtype) @ lm_head_weight.T).argmax(-1)  # [T-1]
+        m1 = mask[1:]
+        hits1 += int(((guess1 == top1[1:]) & m1).sum())
+        total1 += int(m1.sum())
+        # Level 2: input (x_{t+2}, f_hat_{t+1}); scored only where level 1 was right (a draft chain stops at a miss).
+        pred2 = head.forward(ids[2:], pred[:-1], head.new_cache(T))  # f_hat_{t+2} [T-2, H]
+        guess2 = (head.lm_input(pred2).to(lm_head_weight.dtype) @ lm_head_weight.T).argmax(-1)
+        ok1 = (guess1[:-1] == top1[1:-1]) & mask[2:]
+        hits2 += int(((guess2 == top1[2:]) & ok1).sum())
+        total2 += int(ok1.sum())
+    head.train(was_training)
+    return {"top1": hits1 / max(total1, 1), "top1_level2_given_level1": hits2 / max(total2, 1),
+            "positions": total1}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training loop with checkpoints
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.1) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def trainable(head) -> list:
+    return [p for p in head.parameters() if p.requires_grad]
+
+
+def save_checkpoint(path: Path, head, optimizer, state: dict) -> None:
+    names = {id(p): name for name, p in head.named_parameters()}
+    weights = {names[id(p)]: p.detach().clone() for p in trainable(head)}
+    tmp = path.with_suffix(".tmp")
+    torch.save({"weights": weights, "optimizer": optimizer.state_dict(), "state": state}, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path, head, optimizer) -> dict:
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    params = dict(head.named_parameters())
+    with torch.no_grad():
+        for name, value in blob["weights"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(blob["optimizer"])
+    return blob["state"]
+
+
+def train(head, train_seqs, lm_head_weight, work: Path, *, minutes: float | None = None, steps: int | None = None,
+          tokens_per_step: int = 4096, lr: float = 5e-4, warmup: int = 20, negatives: int = 1024,
+          noise: float = FEATURE_NOISE, clip: float = 0.5, checkpoint_every: int = 10, seed: int = 0,
+          on_checkpoint=None, held_out=None) -> dict:
+    """Train `head` in place; resumes from work/checkpoint.pt. Stops after `steps` or `minutes` of this call.
+
+    With only `minutes`, the total step count (which fixes the cosine schedule) is set from the measured time of
+    the first 3 steps and stored in the checkpoint, so a resumed run keeps the same schedule.
+    """
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt_path, csv_path = work / "checkpoint.pt", work / "loss.csv"
+    optimizer = torch.optim.AdamW(trainable(head), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    state = {"step": 0, "total_steps": steps, "epoch": 0, "cursor": 0, "tokens": 0, "train_s": 0.0}
+    if ckpt_path.exists():
+        state = load_checkpoint(ckpt_path, head, optimizer)
+        log(f"resumed from step {state['step']} ({state['tokens']} tokens)")
+    elif csv_path.exists():
+        csv_path.unlink()
+    if steps is not None:
+        state["total_steps"] = steps
+    head.train()
+    generator = torch.Generator().manual_seed(seed + state["step"])
+    deadline = time.time() + minutes * 60 if minutes else None
+    started, step_tokens = time.time(), 0
+    new_file = not csv_path.exists()
+    with csv_path.open("a", newline="") as sink:
+        writer = csv.writer(sink)
+        if new_file:
+            writer.writerow(["step", "tokens", "lr", "loss", "vloss", "ploss", "acc", "tok_per_s", "wall_s"])
+        while state["total_steps"] is None or state["step"] < state["total_steps"]:
+            if deadline and time.time() > deadline:
+                break
+            order = list(range(len(train_seqs)))
+            random.Random(seed + state["epoch"]).shuffle(order)
+            t0, n_tok, sums = time.time(), 0, {"loss": 0.0, "vloss": 0.0, "ploss": 0.0, "correct": 0}
+            optimizer.zero_grad(set_to_none=True)
+            while n_tok < tokens_per_step:
+                if state["cursor"] >= len(order):
+                    state["epoch"] += 1
+                    state["cursor"] = 0
+                    order = list(range(len(train_seqs)))
+                    random.Random(seed + state["epoch"]).shuffle(order)
+                seq = train_seqs[order[state["cursor"]]]
+                state["cursor"] += 1
+                loss, stats = sequence_loss(head, seq, lm_head_weight, negatives, noise, generator)
+                if loss is None:
+                    continue
+                (loss * stats["n"] / tokens_per_step).backward()  # token-weighted mean over the step
+                n_tok += stats["n"]
+                for key in ("vloss", "ploss"):
+                    sums[key] += stats[key] * stats["n"]
+                sums["loss"] += float(loss) * stats["n"]
+                sums["correct"] += stats["correct"]
+            current_lr = lr_at(state["step"], state["total_steps"] or 10 ** 9, lr, warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = current_lr
+            torch.nn.utils.clip_grad_norm_(trainable(head), clip)
+            optimizer.step()
+            dt = time.time() - t0
+            state["step"] += 1
+            state["tokens"] += n_tok
+            state["train_s"] += dt
+            step_tokens += n_tok
+            row = [state["step"], state["tokens"], f"{current_lr:.3g}", sums["loss"] / n_tok, sums["vloss"] / n_tok,
+                   sums["ploss"] / n_tok, sums["correct"] / n_tok, n_tok / dt, round(state["train_s"], 1)]
+            writer.writerow([f"{v:.4f}" if isinstance(v, float) else v for v in row])
+            sink.flush()
+            log(f"step {state['step']}/{state['total_steps']} loss {row[3]:.4f} (v {row[4]:.4f} p {row[5]:.3f}) "
+                f"acc {row[6]:.3f} lr {current_lr:.2e} {n_tok / dt:.0f} tok/s")
+            if state["total_steps"] is None and state["step"] == 3 and deadline:
+                per_step = (time.time() - started) / 3
+                state["total_steps"] = state["step"] + int((deadline - time.time()) / per_step)
+                log(f"schedule: {state['total_steps']} steps ({per_step:.1f} s/step, {minutes} min budget)")
+            if state["step"] % checkpoint_every == 0 or state["step"] == state["total_steps"]:
+                save_checkpoint(ckpt_path, head, optimizer, state)
+                if on_checkpoint:
+                    on_checkpoint(state)
+    save_checkpoint(ckpt_path, head, optimizer, state)
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Export: head weights, loss curve, model card
+
+
+def plot_loss(csv_path: Path, png_path: Path) -> Path | None:
+    """Loss and sampled top-1 accuracy per step -> PNG (matplotlib; None when it is not installed)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = list(csv.DictReader(csv_path.open()))
+    if not rows:
+        return None
+    steps = [int(r["step"]) for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key in ("loss", "vloss", "ploss"):
+        left.plot(steps, [float(r[key]) for r in rows], label=key, linewidth=1)
+    left.set_yscale("log")
+    left.set_xlabel("step")
+    left.legend()
+    left.set_title("EAGLE loss = vloss + 0.1 ploss")
+    right.plot(steps, [float(r["acc"]) for r in rows], linewidth=1)
+    right.set_xlabel("step")
+    right.set_title("train top-1 agreement (sampled softmax)")
+    fig.tight_layout()
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path
+
+
+def export(head, out: Path, extra: dict) -> None:
+    """bf16 head (config.json + model.safetensors) via eagle.save_head, written to a temp folder then swapped in."""
+    from .models.eagle import save_head
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        import shutil
+        shutil.rmtree(tmp)
+    save_head(head, tmp, extra_config=extra)
+    for extra_file in ("MODEL_CARD.md", "loss.png"):  # keep the card and curve of the previous export
+        if (out / extra_file).exists() and not (tmp / extra_file).exists():
+            (tmp / extra_file).write_bytes((out / extra_file).read_bytes())
+    if out.exists():
+        import shutil
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def write_card(out: Path, info: dict) -> None:
+    lines = [
+        f"# EAGLE-2 draft head for {info['model']}",
+        "",
+        "Trained on CPU by `nanospec_core.train_head` (EAGLE loss: SmoothL1 on the next feature + 0.1 x sampled-softmax",
+        "cross-entropy against the target's top-8 next-token distribution; uniform feature noise as in EAGLE).",
+        "",
+        "| | |", "|---|---|",
+    ]
+    lines += [f"| {key} | {value} |" for key, value in info.items() if key != "command"]
+    lines += ["", "Rerun:", "", "```", info.get("command", ""), "```", ""]
+    (out / "MODEL_CARD.md").write_text("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="embedded", help="target: 'embedded', a hub id or a local folder")
+    parser.add_argument("--out", required=True, help="folder for the trained head (config.json, model.safetensors)")
+    parser.add_argument("--work", default=None, help="working folder for data, shards, checkpoints (default runs/head_<key>)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--minutes", type=float, default=40.0, help="training budget (this call)")
+    parser.add_argument("--steps", type=int, default=None, help="total optimizer steps (default: fit --minutes)")
+    parser.add_argument("--sharegpt", type=int, default=600, help="ShareGPT conversations (forward only)")
+    parser.add_argument("--distill", type=int, default=400, help="prompts offered for self-distillation")
+    parser.add_argument("--distill-minutes", type=float, default=10.0, help="time budget for self-distillation")
+    parser.add_argument("--distill-batch", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=768, help="sequence length cap")
+    parser.add_argument("--extract-minutes", type=float, default=15.0, help="time budget for feature extraction")
+    parser.add_argument("--tokens-per-step", type=int, default=4096)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--negatives", type=int, default=1024, help="random rows added to the sampled softmax")
+    parser.add_argument("--checkpoint-every", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> dict:
+    from . import train_data
+    from .models.eagle import random_head
+    from .models.loading import load_model
+    from .models.target import TargetModel
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    begin = time.time()
+    loaded = load_model(args.model, dtype="bfloat16", device=args.device)
+    target = TargetModel(loaded.hf_model)
+    work = Path(args.work or f"runs/head_{loaded.key}")
+    out = Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+
+    # 1. Data: a category-balanced ShareGPT sample; the first `distill` go to self-distillation, the rest are used
+    # as written (forward only).
+    convs = train_data.sample_conversations(args.sharegpt + args.distill, skip_ids=set(), seed=args.seed)
+    distill_convs, sharegpt_convs = convs[:args.distill], convs[args.distill:]
+    distill_path = work / "distilled.jsonl"
+    if args.distill and args.distill_minutes > 0:
+        t0 = time.time()
+        train_data.self_distill(loaded.hf_model, loaded.tokenizer, distill_convs, distill_path,
+                                deadline=t0 + args.distill_minutes * 60, batch_size=args.distill_batch, log=log)
+    distilled = train_data.distilled_sequences(distill_path)
+    sharegpt = [train_data.render(loaded.tokenizer, messages, args.max_tokens) for _, messages in sharegpt_convs]
+    log(f"data: {len(distilled)} self-distilled ({sum(len(s[0]) for s in distilled)} tokens), "
+        f"{len(sharegpt)} ShareGPT ({sum(len(s[0]) for s in sharegpt)} tokens)")
+
+    # 2. Features (resumable shards); distilled first, as they matter most.
+    deadline = time.time() + args.extract_minutes * 60
+    paths = train_data.extract_shards(target, distilled, work / "shards_distill", deadline=deadline, log=log)
+    paths += train_data.extract_shards(target, sharegpt, work / "shards_sharegpt", deadline=deadline, log=log)
+    sequences = train_data.load_sequences(paths)
+    held_out = sequences[::32]
+    train_seqs = [s for i, s in enumerate(sequences) if i % 32]
+    n_tokens = sum(int(s["loss_mask"].sum()) for s in train_seqs)
+    log(f"features: {len(train_seqs)} train sequences ({n_tokens} answer tokens), {len(held_out)} held out")
+
+    # 3. Train (fp32 master weights), exporting a bf16 head at every checkpoint so a partial run is usable.
+    head = random_head(target, "eagle2", seed=args.seed).float()
+    lm_head_weight = target.lm_head_weight.detach()
+    info = {"model": loaded.key, "target_dtype": "bfloat16", "self_distilled_sequences": len(distilled),
+            "sharegpt_sequences": len(sharegpt), "train_sequences": len(train_seqs), "train_answer_tokens": n_tokens,
+            "command": "python -m nanospec_core.train_head " + " ".join(sys.argv[1:])}
+
+    def on_checkpoint(state):
+        export(head, out, {"training": {k: v for k, v in state.items()}})
+        png = plot_loss(work / "loss.csv", out / "loss.png")
+        write_card(out, {**info, "steps": state["step"], "tokens_seen": state["tokens"],
+                         "train_wall_s": round(state["train_s"]), "loss_curve": png and png.name})
+
+    state = train(head, train_seqs, lm_head_weight, work, minutes=args.minutes, steps=args.steps,
+                  tokens_per_step=args.tokens_per_step, lr=args.lr, warmup=args.warmup, negatives=args.negatives,
+                  checkpoint_every=args.checkpoint_every, seed=args.seed, on_checkpoint=on_checkpoint)
+    metrics = evaluate(head, held_out, lm_head_weight.float() if args.device == "cpu" and False else lm_head_weight)
+    log(f"held-out: {metrics}")
+    rows = list(csv.DictReader((work / "loss.csv").open()))
+    last = rows[-20:]
+    info.update({"steps": state["step"], "tokens_seen": state["tokens"], "train_wall_s": round(state["train_s"]),
+                 "total_wall_s": round(time.time() - begin),
+                 "final_loss_last20": round(sum(float(r["loss"]) for r in last) / max(len(last), 1), 4),
+                 "heldout_top1": round(metrics["top1"], 4),
+                 "heldout_top1_level2_given_level1": round(metrics["top1_level2_given_level1"], 4),
+                 "heldout_positions": metrics["positions"]})
+    export(head, out, {"training": info})
+    png = plot_loss(work / "loss.csv", out / "loss.png")
+    info["loss_curve"] = png and png.name
+    write_card(out, info)
+    (work / "result.json").write_text(json.dumps(info, indent=2))
+    log(f"shipped {out}: {info}")
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nanospec_core.train_head", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except NanoSpecError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
