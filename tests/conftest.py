@@ -7,7 +7,7 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+torch.set_num_threads(1)  # tiny models only lose from thread synchronisation
 
 TINY_VOCAB = 4096
 
@@ -87,3 +87,72 @@ def tiny_model_dir(tmp_path_factory):
     tiny_hf_model("qwen2").save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return str(folder)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class AppServer:
+    """`python app.py` in a subprocess on a free port (its log in a file); `url` once it answers HTTP."""
+
+    def __init__(self, model: str, log_path, dtype: str = "float32", head: str | None = "random"):
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        env = dict(os.environ, NANOSPEC_MODEL=model, NANOSPEC_DTYPE=dtype, GRADIO_SERVER_NAME="127.0.0.1",
+                   GRADIO_SERVER_PORT=str(self.port), GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1",
+                   OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # one thread: a tiny model only loses from more
+        if head:
+            env["NANOSPEC_HEAD"] = head
+        self.log_path = Path(log_path)
+        self._log = open(self.log_path, "w")
+        root = Path(__file__).resolve().parent.parent
+        self.process = subprocess.Popen([sys.executable, "app.py"], cwd=root, env=env, stdout=self._log,
+                                        stderr=subprocess.STDOUT)
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def wait_ready(self, timeout_s: float = 180.0) -> str:
+        import time
+        import urllib.request
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"app.py exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url, timeout=2) as response:
+                    if response.status == 200:
+                        return self.url
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"app.py not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except Exception:  # noqa: BLE001 - it would not stop: kill it (ours, by pid)
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def app_server(tiny_model_dir, tmp_path_factory):
+    """The Gradio app serving the tiny model (random head, float32), shared by the client and browser tests."""
+    server = AppServer(tiny_model_dir, tmp_path_factory.mktemp("app") / "app.log")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()

@@ -116,6 +116,20 @@ def test_nanospec_observe_absorbs_drafted_node_topk_and_committed_ids(weight):
     policy.subset.check_invariants()
 
 
+def test_nanospec_origins_say_where_each_committed_id_entered_the_set(weight, frequency):
+    policy = make_policy("nanospec", weight, VocabConfig(capacity=256, static_core=4), V, frequency=frequency)
+    policy.begin(torch.tensor([10, 11]), torch.tensor([[20, 21], [22, 10]]), EOS)
+    core = frequency[0].item()
+    assert policy.origins(torch.tensor([10, 22, EOS[0].item(), core, 999])) == \
+        ["prompt", "prompt-topk", "special", "static-core", ""]
+    committed = torch.tensor([10, 500, 600])
+    policy.observe(torch.tensor([600]), torch.tensor([[30], [31]]), committed, policy.contains(committed))
+    # after observe: 500 and 600 were just added, so they were misses when drafted
+    assert policy.origins(committed) == ["prompt", "", ""]
+    policy.observe(torch.tensor([], dtype=torch.long), None, torch.tensor([500, 31]), torch.tensor([True, True]))
+    assert policy.origins(torch.tensor([500, 31, 600])) == ["output", "node-topk", "draft"]
+
+
 def test_nanospec_static_core_is_pinned_and_never_evicted(weight, frequency):
     cfg = VocabConfig(capacity=40, static_core=16)
     policy = make_policy("nanospec", weight, cfg, V, frequency=frequency)
@@ -152,17 +166,18 @@ def test_fallback_scores_the_full_vocabulary_for_one_round_then_resets(weight):
         policy.prepare()
         assert not policy.full_vocab_round
         policy.observe(torch.tensor([5]), None, torch.tensor([6, 7]), hit if _ == 0 else miss)
-    assert policy.full_vocab_round and policy.fallback_rounds == 1 and policy.size == V
+    assert policy.full_vocab_round and policy.fallback_rounds == 1 and not policy.last_round_full
+    assert policy.size < V  # size stays the active set's, for comparable averages
     policy.prepare()
     logp, ids = policy.topk(hidden, 5)
     expected_logp, expected_ids = torch.topk(torch.log_softmax(hidden @ weight.T, -1), 5)
     assert torch.equal(ids, expected_ids)
     torch.testing.assert_close(logp, expected_logp)
     policy.observe(ids.reshape(-1), None, ids[0, :1], policy.contains(ids[0, :1]))  # end of the fallback round
-    assert not policy.full_vocab_round and policy.size < V
+    assert not policy.full_vocab_round and policy.last_round_full
     for _ in range(2):  # the window restarted: two bad rounds are not enough
         policy.observe(torch.tensor([5]), None, torch.tensor([4000]), torch.tensor([False]))
-        assert not policy.full_vocab_round
+        assert not policy.full_vocab_round and not policy.last_round_full
     policy.observe(torch.tensor([5]), None, torch.tensor([4001]), torch.tensor([False]))
     assert policy.full_vocab_round and policy.fallback_rounds == 2
 

@@ -325,6 +325,10 @@ def load_model(
     folder = resolve_model_dir(name, progress=progress)
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise NanoSpecError(f"model folder '{folder}' has no config.json")
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a cached safetensors load takes about a second: no bar on stderr
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=torch_dtype, local_files_only=True, trust_remote_code=False
@@ -332,6 +336,9 @@ def load_model(
     except Exception as error:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise NanoSpecError(f"cannot load model '{name}' from {folder}: {first_line}") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except Exception as error:

@@ -149,11 +149,13 @@ class InContextVocab(VocabPolicy):
     Pinned (never evicted): the static core (cfg.static_core most frequent ids) and the special/EOS ids.
     Fallback: with cfg.fallback_threshold > 0, once the last cfg.fallback_window rounds' hit rate (committed
     tokens that were active when drafted / committed tokens) is under the threshold, the next round drafts on the
-    full vocabulary and the window restarts. During such a round `size` reports the full vocabulary (the cost
-    paid) while `contains` still reports membership of the active set (the coverage metric).
+    full vocabulary and the window restarts. `size` and `contains` always describe the active set (so coverage and
+    average active size stay comparable); `full_vocab_round` / `last_round_full` say when the full head ran.
     """
 
     name = "nanospec"
+    ORIGINS = ("", "prompt", "prompt-topk", "special", "static-core", "output", "node-topk", "draft")
+    _CODE = {origin: code for code, origin in enumerate(ORIGINS)}
 
     def __init__(self, lm_head_weight: torch.Tensor, cfg: VocabConfig, vocab_size: int,
                  frequency: torch.Tensor | None = None, head_to_target: torch.Tensor | None = None):
@@ -171,6 +173,7 @@ class InContextVocab(VocabPolicy):
                                    resolve_buffer_dtype(cfg.buffer_dtype, lm_head_weight))
         self.full = FullVocab(lm_head_weight, vocab_size, head_to_target)
         self.fallback_rounds = 0
+        self.last_round_full = False  # the round observe() just closed drafted on the full vocabulary
         self._window: deque[tuple[int, int]] = deque(maxlen=max(1, cfg.fallback_window))  # (hits, committed)
         self._full_this_round = False
 
@@ -178,17 +181,22 @@ class InContextVocab(VocabPolicy):
               special_ids: torch.Tensor) -> None:
         self.subset.reset()
         self.fallback_rounds = 0
+        self.last_round_full = False
         self._window.clear()
         self._full_this_round = False
+        code = self._CODE
         if self.core_ids is not None:
-            self.subset.add(self.core_ids, pinned=True)
-        self.subset.add(special_ids, pinned=True)
+            self.subset.add(self.core_ids, pinned=True, tags=code["static-core"])
+        self.subset.add(special_ids, pinned=True, tags=code["special"])
         # Position by position ([P, 1 + k] flattened), so if the prompt overflows the capacity the end of the
         # prompt, closest to what comes next, is what stays.
-        seed = prompt_ids.reshape(-1, 1).to(self.subset.device)
+        seed = prompt_ids.reshape(-1, 1).to(self.subset.device)  # [P, 1]
+        tags = torch.full_like(seed, code["prompt"])
         if prompt_topk_ids is not None and prompt_topk_ids.numel():
-            seed = torch.cat([seed, prompt_topk_ids.to(self.subset.device).reshape(seed.shape[0], -1)], dim=1)
-        self.subset.add(seed)
+            topk_ids = prompt_topk_ids.to(self.subset.device).reshape(seed.shape[0], -1)  # [P, k]
+            seed = torch.cat([seed, topk_ids], dim=1)
+            tags = torch.cat([tags, torch.full_like(topk_ids, code["prompt-topk"])], dim=1)
+        self.subset.add(seed, tags=tags)
 
     def prepare(self) -> None:
         start = time.perf_counter()
@@ -208,13 +216,24 @@ class InContextVocab(VocabPolicy):
     def observe(self, drafted_ids: torch.Tensor, node_topk_ids: torch.Tensor | None,
                 committed_ids: torch.Tensor, hits: torch.Tensor) -> None:
         self.subset.tick()
-        device = self.subset.device
-        parts = [drafted_ids.reshape(-1).to(device)]
-        if node_topk_ids is not None:
-            parts.append(node_topk_ids.reshape(-1).to(device))
-        parts.append(committed_ids.reshape(-1).to(device))  # last: kept first if the batch alone overflows
-        self.subset.add(torch.cat(parts))
+        device, code = self.subset.device, self._CODE
+        parts = [(drafted_ids, "draft"), (node_topk_ids, "node-topk"), (committed_ids, "output")]
+        parts = [(ids.reshape(-1).to(device), origin) for ids, origin in parts if ids is not None]
+        # committed ids last: they are the ones kept if the batch alone overflows the capacity
+        ids = torch.cat([ids for ids, _ in parts])
+        tags = torch.cat([torch.full_like(ids, code[origin]) for ids, origin in parts])
+        self.subset.add(ids, tags=tags)
+        self.last_round_full = self._full_this_round
         self._update_fallback(hits)
+
+    def origins(self, ids: torch.Tensor) -> list[str]:
+        """Where each id entered the active set ('prompt', 'prompt-topk', 'special', 'static-core', 'output',
+        'node-topk', 'draft'), '' for a miss. Call right after observe(): ids that observe() itself just added
+        were not active while drafting, so they count as misses."""
+        tags, added_at = self.subset.tag_of(ids)
+        just_added = (added_at == self.subset.clock) & (self.subset.clock > 0)
+        tags = torch.where(self.contains(ids) & ~just_added, tags, 0)
+        return [self.ORIGINS[t] for t in tags.reshape(-1).tolist()]
 
     def _update_fallback(self, hits: torch.Tensor) -> None:
         if self._full_this_round:  # the fallback round is over; measure coverage afresh
@@ -239,7 +258,7 @@ class InContextVocab(VocabPolicy):
 
     @property
     def size(self) -> int:
-        return self.full.size if self._full_this_round else self.subset.size
+        return self.subset.size
 
 
 def make_policy(name: str, lm_head_weight: torch.Tensor, cfg: VocabConfig, vocab_size: int,

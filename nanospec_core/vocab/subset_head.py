@@ -9,6 +9,8 @@ tokens; NanoSpec restricts it to tokens seen in the context. Both need the same 
     slot_ids  long  [capacity]     target id held by each slot, -1 when empty
     buffer    W.dtype [capacity, H]  buffer[s] = W[row_of_id[slot_ids[s]]]
     last_seen int32 [V]            clock of the last round id v was added or touched (LRU eviction)
+    added_at  int32 [V]            clock of the round id v was (last) added
+    tag       int8  [V]            caller's label of why id v was added (e.g. prompt / output), 0 = none
     pinned    bool  [V]            never evicted (static core, special ids)
 
 Everything lives on the weight's device. `add(ids)` deduplicates on the device (a stable sort, no Python sets),
@@ -60,6 +62,8 @@ class SubsetLMHead:
         self._slot_of = torch.full((V + 1,), _EMPTY, dtype=torch.long, device=self.device)
         self._pinned = torch.zeros(V + 1, dtype=torch.bool, device=self.device)
         self._last_seen = torch.zeros(V + 1, dtype=torch.int32, device=self.device)
+        self._added_at = torch.zeros(V + 1, dtype=torch.int32, device=self.device)
+        self._tag = torch.zeros(V + 1, dtype=torch.int8, device=self.device)
         self.slot_ids = torch.full((capacity,), _EMPTY, dtype=torch.long, device=self.device)
         # [capacity, H]; the weight's dtype unless told otherwise (float32 is faster than bf16 on AVX2-only CPUs)
         self.buffer = torch.zeros(capacity, weight.shape[1], dtype=buffer_dtype or weight.dtype, device=self.device)
@@ -97,6 +101,8 @@ class SubsetLMHead:
         self._slot_of.fill_(_EMPTY)
         self._pinned.zero_()
         self._last_seen.zero_()
+        self._added_at.zero_()
+        self._tag.zero_()
         self.slot_ids.fill_(_EMPTY)
         self.clock = 0  # bumped once per round by tick(); stamps recency
         self.used = 0  # slots [0, used) have been handed out; beyond is untouched
@@ -119,6 +125,11 @@ class SubsetLMHead:
         ids = torch.where(in_range, ids, V)
         return torch.where(self._row_of_id[ids] >= 0, ids, V)
 
+    def tag_of(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tag int8, added_at int32) of each id; meaningful only where contains(ids)."""
+        safe = self._sanitize(ids)
+        return self._tag[safe].reshape(ids.shape), self._added_at[safe].reshape(ids.shape)
+
     def contains(self, ids: torch.Tensor) -> torch.Tensor:
         """Membership of each id now (ids outside the head vocabulary: False)."""
         ids = ids.to(self.device, torch.long)
@@ -130,8 +141,10 @@ class SubsetLMHead:
         """Stamp ids with the current clock (present or not; absent ids get stamped as they are added)."""
         self._last_seen.index_fill_(0, self._sanitize(ids), self.clock)
 
-    def add(self, ids: torch.Tensor, pinned: bool = False) -> int:
+    def add(self, ids: torch.Tensor, pinned: bool = False, tags: torch.Tensor | int = 0) -> int:
         """Make ids active; returns how many were new. Evicts least-recently-seen unpinned ids on overflow.
+
+        tags: a label per id (int8 codes, same shape as ids) or one for all, recorded for the new ids only.
 
         If more new ids arrive than can ever fit, the LAST ones in `ids` are kept (callers put the most
         important, e.g. committed tokens, last).
@@ -139,6 +152,8 @@ class SubsetLMHead:
         ids = self._sanitize(ids)
         if ids.numel() == 0:
             return 0
+        if isinstance(tags, torch.Tensor):
+            tags = tags.to(self.device, torch.int8).reshape(-1)
         self._last_seen.index_fill_(0, ids, self.clock)
         # First occurrence of each id within the batch, found with a stable sort (sync-free).
         sorted_ids, order = torch.sort(ids, stable=True)
@@ -161,12 +176,13 @@ class SubsetLMHead:
         if num_new == 0:
             return 0
         # Compact the new ids to the front, keeping their order: stable argsort of "not new".
-        new_ids = ids[torch.argsort((~is_new).to(torch.int32), stable=True)[:num_new]]
+        new_pos = torch.argsort((~is_new).to(torch.int32), stable=True)[:num_new]
         limit = self.capacity - self.num_pinned - num_present
         if num_new > limit:  # never for pinned adds (checked above)
-            new_ids, num_new = new_ids[num_new - limit:], limit
+            new_pos, num_new = new_pos[num_new - limit:], limit
             if num_new == 0:
                 return 0
+        new_ids = ids[new_pos]
         overflow = num_new - (self.capacity - self.size)
         if overflow > 0:
             self.evict(overflow, protect=ids)
@@ -174,6 +190,8 @@ class SubsetLMHead:
         self.slot_ids[slots] = new_ids
         self._slot_of[new_ids] = slots
         self._mask[new_ids] = True
+        self._added_at[new_ids] = self.clock
+        self._tag[new_ids] = tags[new_pos] if isinstance(tags, torch.Tensor) else tags
         self._pending.append((slots, self._row_of_id[new_ids]))
         if pinned:
             self.num_pinned += num_new

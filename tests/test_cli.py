@@ -1,0 +1,60 @@
+"""The CLI contract: one JSON object with the documented keys; one clear error line (no traceback) on bad input."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from nanospec_core.__main__ import main
+
+SUMMARY_KEYS = {"new_tokens", "wall_s", "tokens_per_s", "rounds", "mean_accepted", "draft_s", "verify_s",
+                "avg_active_vocab", "coverage"}
+STEP_KEYS = {"accepted", "active_vocab", "hit", "draft_ms", "verify_ms"}
+
+
+def generate(capsys, model_dir, *extra):
+    code = main(["generate", "--model", model_dir, "--head", "random", "--dtype", "float32", "--prompt",
+                 "write python code", "--max-new-tokens", "12", "--json", *extra])
+    out = capsys.readouterr().out
+    assert code == 0
+    return json.loads(out)
+
+
+def test_generate_json_contract_and_methods_agree(capsys, tiny_model_dir):
+    results = {m: generate(capsys, tiny_model_dir, "--method", m) for m in ("vanilla", "hf", "eagle", "nanospec")}
+    for method, data in results.items():
+        assert {"method", "model", "text", "token_ids", "summary", "steps"} <= data.keys()
+        assert SUMMARY_KEYS <= data["summary"].keys()
+        assert data["method"] == method and len(data["token_ids"]) == 12
+        assert all(STEP_KEYS <= step.keys() for step in data["steps"])
+    assert len({tuple(d["token_ids"]) for d in results.values()}) == 1
+    assert results["nanospec"]["summary"]["avg_active_vocab"] < results["eagle"]["summary"]["avg_active_vocab"]
+    assert results["vanilla"]["summary"]["avg_active_vocab"] is None
+
+
+def test_sampling_is_reproducible_for_a_seed(capsys, tiny_model_dir):
+    first = generate(capsys, tiny_model_dir, "--method", "nanospec", "--temperature", "0.8", "--seed", "3")
+    again = generate(capsys, tiny_model_dir, "--method", "nanospec", "--temperature", "0.8", "--seed", "3")
+    assert first["token_ids"] == again["token_ids"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["generate", "--model", "/nonexistent/folder-or-id", "--prompt", "hi"], "unknown model"),
+    (["generate", "--prompt", "   ", "--method", "vanilla"], "prompt is empty"),
+    (["generate", "--prompt", "hi", "--depth", "0"], "tree settings out of range"),
+])
+def test_bad_input_gives_one_error_line(args, message, tiny_model_dir):
+    args = [a if a != "--prompt" or "--model" in args else a for a in args]
+    if "--model" not in args:
+        args = args[:1] + ["--model", tiny_model_dir, "--head", "random"] + args[1:]
+    proc = subprocess.run([sys.executable, "-m", "nanospec_core", *args], capture_output=True, text=True,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": "/tmp"}, timeout=300)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_unknown_method_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--prompt", "hi", "--method", "nope"])
+    assert exit_info.value.code == 2
