@@ -21,7 +21,7 @@ from pathlib import Path
 import gradio as gr
 
 from nanospec_core import ui
-from nanospec_core.compare import compare_runs
+from nanospec_core.compare import RunTrace, compare_runs
 from nanospec_core.config import GenerationConfig
 from nanospec_core.errors import NanoSpecError
 from nanospec_core.models.loading import model_key
@@ -40,7 +40,8 @@ MODEL = os.environ.get("NANOSPEC_MODEL", "embedded")
 DTYPE = os.environ.get("NANOSPEC_DTYPE", "bfloat16")
 HEAD = os.environ.get("NANOSPEC_HEAD") or None
 QUESTIONS = os.environ.get("NANOSPEC_QUESTIONS", str(ROOT.parent / "shared" / "data" / "spec_bench" / "question.jsonl"))
-UPDATE_EVERY_S = 0.25  # the UI is refreshed at most this often (the last round always shows)
+UPDATE_EVERY_S = 0.25  # texts and table refresh at most this often (the last round always shows)
+CHART_EVERY_S = 1.5  # charts and the locality view: plotly redraws are the browser's heaviest work
 SETTINGS = list(ui.LIMITS)  # max_new_tokens, temperature, seed, depth, top_k, total_tokens, capacity, ...
 OUTPUTS = ["eagle_text", "nanospec_text", "status", "identical", "summary", "vocab_plot", "latency_plot",
            "locality", "growth_plot"]  # order of the compare handler's updates (and of /compare's outputs)
@@ -125,26 +126,39 @@ def prepare(prompt, model, values: dict):
 
 
 class View:
-    """Turns ComparePairs into the compare outputs; keeps the axes and the decoded locality pieces between rounds."""
+    """Turns ComparePairs into the compare outputs; keeps the axes and the decoded locality pieces between rounds.
+
+    Texts, status and table refresh every UPDATE_EVERY_S; the charts and the locality view (heavier to send and to
+    draw in the browser) every CHART_EVERY_S, and always with the last round.
+    """
 
     def __init__(self, session: Session, gen: GenerationConfig, capacity: int):
         self.session, self.gen = session, gen
         self.axes = ui.ChartAxes(gen.max_new_tokens, capacity)
         self.pieces: list[str] = []
+        self.last_update = self.last_charts = 0.0
 
-    def render(self, left, right) -> tuple:
-        self.axes.fit(left, right)
-        self.pieces += ui.token_pieces(self.session.decode, right.token_ids, start=len(self.pieces))
+    def due(self, done: bool) -> bool:
+        return done or time.perf_counter() - self.last_update >= UPDATE_EVERY_S
+
+    def render(self, left, right, done: bool) -> tuple:
+        now = self.last_update = time.perf_counter()
         values = {
             "eagle_text": left.text, "nanospec_text": right.text, "status": ui.status_line(left, right),
             "identical": ui.identity_check(left, right, self.gen.temperature, self.session.decode),
             "summary": ui.summary_frame(left, right),
-            "vocab_plot": ui.vocab_hit_figure(right, self.axes, self.session.target.vocab_size),
-            "latency_plot": ui.latency_figure(left, right, self.axes),
-            "locality": ui.locality_spans(self.pieces, ui.token_labels(right)),
-            "growth_plot": ui.growth_figure(right, self.gen.max_new_tokens, self.axes.capacity),
         }
-        return tuple(values[name] for name in OUTPUTS)
+        if done or now - self.last_charts >= CHART_EVERY_S:
+            self.last_charts = now
+            self.axes.fit(left, right)
+            self.pieces += ui.token_pieces(self.session.decode, right.token_ids, start=len(self.pieces))
+            values.update({
+                "vocab_plot": ui.vocab_hit_figure(right, self.axes, self.session.target.vocab_size),
+                "latency_plot": ui.latency_figure(left, right, self.axes),
+                "locality": ui.locality_spans(self.pieces, ui.token_labels(right)),
+                "growth_plot": ui.growth_figure(right, self.gen.max_new_tokens, self.axes.capacity),
+            })
+        return tuple(values.get(name, gr.skip()) for name in OUTPUTS)
 
 
 @GPU
@@ -154,12 +168,10 @@ def compare(prompt, model=MODEL, *settings):
     session, prompt_ids, gen, tree, vocab = prepare(prompt, model, values)
     view = View(session, gen, vocab.capacity)
     runs = compare_runs(session, prompt_ids, gen, tree, vocab)
-    last_update = 0.0
     try:
         for pair in runs:
-            if pair.done or time.perf_counter() - last_update >= UPDATE_EVERY_S:
-                yield view.render(pair.left, pair.right)
-                last_update = time.perf_counter()
+            if view.due(pair.done):
+                yield view.render(pair.left, pair.right, pair.done)
     except Exception as error:  # noqa: BLE001
         raise user_error(error) from None
     finally:
@@ -202,7 +214,16 @@ def slider(name: str, label: str, step=1, info: str | None = None):
     return gr.Slider(low, high, value=ui.DEFAULTS[name], step=step, label=label, info=info)
 
 
+def empty_charts() -> dict:
+    """The charts before any run, axes for the default settings: the frames are in place (and plotly.js loaded)."""
+    left, right = RunTrace("eagle"), RunTrace("nanospec")
+    axes = ui.ChartAxes(ui.DEFAULTS["max_new_tokens"], ui.DEFAULTS["capacity"])
+    return {"vocab_plot": ui.vocab_hit_figure(right, axes), "latency_plot": ui.latency_figure(left, right, axes),
+            "growth_plot": ui.growth_figure(right, axes.max_new_tokens, axes.capacity)}
+
+
 def build_app(banner: str = "") -> gr.Blocks:
+    charts = empty_charts()
     with gr.Blocks(title="NanoSpec: speculative decoding with a tiny vocabulary", analytics_enabled=False) as demo:
         gr.Markdown("# NanoSpec\nEAGLE-2 speculative decoding whose draft head scores only the few hundred to few "
                     "thousand token ids **of this context** instead of the whole vocabulary. Training-free, lossless "
@@ -242,14 +263,14 @@ def build_app(banner: str = "") -> gr.Blocks:
             identical = gr.Markdown(elem_id="identical")
             summary = gr.Dataframe(label="Summary (speedup = NanoSpec tokens/s over EAGLE's)", interactive=False)
             with gr.Row():
-                vocab_plot = gr.Plot(label="Active vocabulary", show_label=False)
-                latency_plot = gr.Plot(label="Draft latency", show_label=False)
+                vocab_plot = gr.Plot(charts["vocab_plot"], label="Active vocabulary", show_label=False)
+                latency_plot = gr.Plot(charts["latency_plot"], label="Draft latency", show_label=False)
         with gr.Tab("Temporal locality"):
             gr.Markdown("NanoSpec's output, each token coloured by where its id entered the active set (red: it was "
                         "not in the set, the target supplied it). Run a comparison first.")
             locality = gr.HighlightedText(label="NanoSpec output by token origin", color_map=ui.LOCALITY_COLORS,
                                           show_legend=True, combine_adjacent=False, elem_id="locality")
-            growth_plot = gr.Plot(label="Growth of the active set", show_label=False)
+            growth_plot = gr.Plot(charts["growth_plot"], label="Growth of the active set", show_label=False)
             gr.Markdown(ui.LOCALITY_NOTE)
         with gr.Tab("Benchmark"):
             categories = question_categories()

@@ -94,6 +94,21 @@ def cmd_microbench(args) -> int:
     return 0
 
 
+def cmd_costs(args) -> int:
+    from .models.loading import load_model
+    from .models.target import TargetModel
+    from .profiling import verification_curve
+
+    target = TargetModel(load_model(args.model, dtype=args.dtype, device=args.device).hf_model)
+    curve = verification_curve(target, sizes=tuple(args.sizes), context=args.context)
+    base = curve[0][1]
+    print(f"| new tokens (cache {args.context}) | forward + logits (ms) | vs first |")
+    print("|---|---|---|")
+    for n, ms in curve:
+        print(f"| {n} | {ms:.1f} | {ms / base:.2f}x |")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m nanospec_core", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -136,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--out", default=None)
     prep.add_argument("--limit", type=int, default=20000, help="conversations to count")
     prep.set_defaults(func=cmd_prepare)
+
+    costs = sub.add_parser("costs", help="target forward time vs new tokens: the verification cost curve")
+    add_model_args(costs)
+    costs.add_argument("--sizes", type=int, nargs="+", default=[1, 16, 32, 64])
+    costs.add_argument("--context", type=int, default=200)
+    costs.set_defaults(func=cmd_costs)
 
     micro = sub.add_parser("microbench", help="subset lm head vs full lm head at active sizes 256..8192")
     micro.add_argument("--rows", type=int, default=10, help="hidden rows per call (draft nodes per level)")

@@ -101,7 +101,7 @@ def _nice_ceiling(value: float) -> float:
 
 @dataclass
 class ChartAxes:
-    """Axis ranges for one run: rounds from max_new_tokens (assumes tau >= 2), latency from the first round."""
+    """Axis ranges for one run: rounds from max_new_tokens (assumes tau >= 2), latency from the first rounds."""
 
     max_new_tokens: int
     capacity: int
@@ -112,20 +112,28 @@ class ChartAxes:
         self.rounds = self.rounds or max(8, math.ceil(self.max_new_tokens / 2))
 
     def fit(self, left: RunTrace, right: RunTrace) -> None:
-        """Grow (never shrink) the ranges to the data: rounds to the worst case, latency by doubling."""
+        """Grow (never shrink) the ranges: rounds to the worst case (tau = 1), latency in doubling steps.
+
+        The latency scale follows the typical round (median), not the peak, so one slow round (a first-call cost,
+        another process) is cut off at the top instead of flattening every other bar.
+        """
         rounds = max(len(left.rounds), len(right.rounds))
         if rounds > self.rounds:
             self.rounds = max(self.max_new_tokens, rounds)
-        peak = max((s.draft_ms for t in (left, right) for s in t.rounds), default=0.0)
-        if peak > self.latency_ms:
-            first = self.latency_ms == 0.0
-            self.latency_ms = _nice_ceiling(peak * 2.5) if first else max(2 * self.latency_ms, _nice_ceiling(peak))
+        draft_ms = sorted(s.draft_ms for t in (left, right) for s in t.rounds)
+        if not draft_ms:
+            return
+        typical = draft_ms[len(draft_ms) // 2]
+        if self.latency_ms == 0.0:
+            self.latency_ms = _nice_ceiling(typical * 3)
+        while typical > 0.6 * self.latency_ms:
+            self.latency_ms *= 2
 
 
-def _layout(fig, title: str, x_max: float, x_title: str, y_range, y_title: str, height: int = 300):
+def _layout(fig, title: str, x_max: float, x_title: str, y_range, y_title: str, height: int = 360):
     fig.update_layout(title=dict(text=title, font=dict(size=14)), template="plotly_white", height=height,
-                      margin=dict(l=50, r=50, t=60, b=40), uirevision="fixed", barmode="stack",
-                      legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0, font=dict(size=11)))
+                      margin=dict(l=55, r=55, t=40, b=95), uirevision="fixed", barmode="stack",
+                      legend=dict(orientation="h", yanchor="top", y=-0.22, x=0, font=dict(size=11)))
     fig.update_layout(xaxis=dict(range=[0.5 if x_title == "round" else 0, x_max + 0.5], title=x_title),
                       yaxis=dict(range=y_range, title=y_title))
     return fig
