@@ -183,7 +183,8 @@ def test_fallback_scores_the_full_vocabulary_for_one_round_then_resets(weight):
 
 
 def test_fallback_off_by_default_and_above_the_threshold(weight):
-    for cfg, hits in ((VocabConfig(), torch.tensor([False])), (VocabConfig(fallback_threshold=0.5), torch.tensor([True]))):
+    off, on = VocabConfig(), VocabConfig(fallback_threshold=0.5)
+    for cfg, hits in ((off, torch.tensor([False])), (on, torch.tensor([True]))):
         policy = make_policy("nanospec", weight, cfg, V)
         policy.begin(torch.tensor([1]), None, EOS)
         for _ in range(20):

@@ -146,17 +146,19 @@ def frequency_for(model_key: str) -> torch.Tensor | None:
     return load_frequency(path) if path.is_file() else None
 
 
-def build_frequency_table(tokenizer, model_key: str, out_path: str | Path | None = None, limit: int | None = 8000,
+def build_frequency_table(tokenizer, model_key: str, out_path: str | Path | None = None, limit: int | None = None,
                           vocab_size: int | None = None) -> dict:
     """Count ShareGPT tokens with a tqdm bar and save the table; returns a summary (path, sizes, coverage, time).
 
-    limit: conversations to read (None = all ~17.6k); 8k gives a top-32k stable to well under 0.1% of mass.
+    limit: conversations to read; None = all 17,545 (25.5M Qwen2.5 tokens, ~2-3 min on 2 cores). Measured on
+    Qwen2.5: a top-32k built from the first 2k / 8k / 14k conversations covers 95.3% / 96.1% / 96.3% of the tokens
+    of the held-out last 3.5k, so more data still helps a little and all of it is cheap.
     """
     from tqdm import tqdm
 
     out_path = Path(out_path) if out_path is not None else ASSETS_DIR / f"{model_key}.safetensors"
     start = time.perf_counter()
-    with tqdm(total=limit, desc=f"counting ShareGPT tokens ({model_key})", unit="conv") as bar:
+    with tqdm(total=limit or 17545, desc=f"counting ShareGPT tokens ({model_key})", unit="conv") as bar:
         counts = compute_frequency(tokenizer, load_sharegpt(limit), vocab_size=vocab_size, progress=bar)
         conversations = bar.n
     seconds = time.perf_counter() - start

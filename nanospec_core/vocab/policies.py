@@ -129,9 +129,6 @@ class StaticVocab(VocabPolicy):
         self.subset.add(ids, pinned=True)
         self.subset.gather()
 
-    def prepare(self) -> None:
-        self.last_gather_s = 0.0
-
     def topk(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.subset.topk(hidden, k)
 

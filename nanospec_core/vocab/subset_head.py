@@ -72,22 +72,11 @@ class SubsetLMHead:
         self._event: torch.cuda.Event | None = None
         self.reset()
 
-    # Public views without the sentinel entry.
-    @property
-    def mask(self) -> torch.Tensor:
-        return self._mask[: self.vocab_size]
-
-    @property
-    def slot_of(self) -> torch.Tensor:
-        return self._slot_of[: self.vocab_size]
-
-    @property
-    def last_seen(self) -> torch.Tensor:
-        return self._last_seen[: self.vocab_size]
-
-    @property
-    def pinned(self) -> torch.Tensor:
-        return self._pinned[: self.vocab_size]
+    # Public views without the sentinel entry: [V] each.
+    mask = property(lambda self: self._mask[: self.vocab_size])
+    slot_of = property(lambda self: self._slot_of[: self.vocab_size])
+    last_seen = property(lambda self: self._last_seen[: self.vocab_size])
+    pinned = property(lambda self: self._pinned[: self.vocab_size])
 
     @property
     def size(self) -> int:
@@ -370,12 +359,15 @@ def full_topk(weight: torch.Tensor, hidden: torch.Tensor, k: int,
     return _topk_padded(logp, k, to_ids)
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
+def _median_ms(fn, repeats: int, sync) -> float:
+    """Median wall time of fn() in ms after one warm-up, synchronizing the device before each clock read."""
+    fn()
+    sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 
@@ -388,27 +380,19 @@ def microbench(sizes=(256, 512, 1024, 2048, 4096, 8192), H: int = 896, V: int = 
 
     dtype: the lm-head weight's; buffer_dtype: the subset buffer's, as VocabConfig.buffer_dtype.
 
-    Returns rows (active size, subset ms, full ms). The full cost does not depend on the size: measured once.
-    On CUDA the device is synchronized before each clock read.
+    Returns rows (active size, subset ms, full ms); the full cost does not depend on the size: measured once.
     """
     gen = torch.Generator().manual_seed(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     weight = torch.randn(V, H, generator=gen).to(device, dtype)
     hidden = torch.randn(m, H, generator=gen).to(device, dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def timed(fn):
-        def run():
-            fn()
-            sync()
-        return run
-
-    full_ms = _median_ms(timed(lambda: full_topk(weight, hidden, 10)), max(3, repeats // 4))
+    full_ms = _median_ms(lambda: full_topk(weight, hidden, 10), max(3, repeats // 4), sync)
     rows = []
     for size in sizes:
         head = SubsetLMHead(weight, capacity=size, buffer_dtype=resolve_buffer_dtype(buffer_dtype, weight))
         head.add(torch.randperm(V, generator=gen)[:size])
         head.gather()
-        subset_ms = _median_ms(timed(lambda: head.topk(hidden, 10)), repeats)
+        subset_ms = _median_ms(lambda: head.topk(hidden, 10), repeats, sync)
         rows.append((size, subset_ms, full_ms))
     return rows
