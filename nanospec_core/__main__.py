@@ -15,8 +15,8 @@ from .errors import NanoSpecError
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="embedded", help="embedded | qwen2.5-coder-1.5b | hub id | local folder")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                        help="bfloat16 is the fastest on these CPUs; float32 for exactness checks")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                        help="auto = the fastest for the device (bf16 with native support, else float32)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--head", default=None, help="EAGLE head: folder | hub id | random (default: shipped head)")
 
@@ -99,13 +99,40 @@ def cmd_costs(args) -> int:
     from .models.target import TargetModel
     from .profiling import verification_curve
 
-    target = TargetModel(load_model(args.model, dtype=args.dtype, device=args.device).hf_model)
+    from .config import resolve_dtype
+
+    dtype = resolve_dtype(args.dtype, args.device)
+    target = TargetModel(load_model(args.model, dtype=dtype, device=args.device).hf_model)
     curve = verification_curve(target, sizes=tuple(args.sizes), context=args.context)
     base = curve[0][1]
     print(f"| new tokens (cache {args.context}) | forward + logits (ms) | vs first |")
     print("|---|---|---|")
     for n, ms in curve:
         print(f"| {n} | {ms:.1f} | {ms / base:.2f}x |")
+    return 0
+
+
+def cmd_locality(args) -> int:
+    """Replay a benchmark's greedy outputs and rank active-vocabulary sources by coverage per active token."""
+    import pandas as pd
+
+    from .bench import DEFAULT_QUESTIONS, load_questions, markdown
+    from .session import Session
+    from .vocab.locality import Sources, compare_sources, record
+
+    records = pd.read_json(args.records, lines=True)
+    records = records[records["method"] == records["method"].iloc[0]]
+    questions = {q.question_id: q for q in load_questions(args.questions or DEFAULT_QUESTIONS)}
+    session = Session(args.model, dtype=args.dtype, device=args.device, progress=False)
+    replays = [record(session.target, session.encode(questions[row.question_id].prompt), list(row.token_ids),
+                      category=row.category) for row in records.itertuples()]
+    core = session.frequency.tolist() if session.frequency is not None else []
+    candidates = [Sources(prompt_topk=p, output_topk=o, static_core=c)
+                  for p, o, c in [(0, 0, 0), (3, 0, 0), (3, 3, 0), (10, 10, 0), (3, 3, 1024), (10, 10, 1024),
+                                  (3, 10, 1024), (10, 10, 2048), (3, 3, 512), (5, 5, 512), (10, 10, 512)]]
+    rows = compare_sources(replays, candidates, core, sorted(session.stop_ids))
+    print(f"{len(replays)} outputs, {sum(len(r.ids) - r.prompt_len for r in replays)} tokens")
+    print(markdown(pd.DataFrame(rows).round(3)))
     return 0
 
 
@@ -157,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     costs.add_argument("--sizes", type=int, nargs="+", default=[1, 16, 32, 64])
     costs.add_argument("--context", type=int, default=200)
     costs.set_defaults(func=cmd_costs)
+
+    loc = sub.add_parser("locality", help="rank active-vocabulary sources by replaying a benchmark's outputs")
+    add_model_args(loc)
+    loc.add_argument("--records", required=True, help="per_prompt.jsonl written by the bench command")
+    loc.add_argument("--questions", default=None, help="the questions file the bench ran (default: Spec-Bench)")
+    loc.set_defaults(func=cmd_locality)
 
     micro = sub.add_parser("microbench", help="subset lm head vs full lm head at active sizes 256..8192")
     micro.add_argument("--rows", type=int, default=10, help="hidden rows per call (draft nodes per level)")

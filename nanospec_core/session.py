@@ -13,7 +13,7 @@ from typing import Iterator
 
 import torch
 
-from .config import DTYPES, GenerationConfig, TreeConfig, VocabConfig
+from .config import DTYPES, GenerationConfig, TreeConfig, VocabConfig, resolve_dtype
 from .decoding.engine import Request, speculative_decode
 from .decoding.plain import hf_generate, plain_decode
 from .errors import NanoSpecError
@@ -46,12 +46,13 @@ class RunResult:
 
 
 class Session:
-    def __init__(self, model: str = "embedded", dtype: str = "bfloat16", device: str = "cpu",
+    def __init__(self, model: str = "embedded", dtype: str = "auto", device: str = "cpu",
                  head: str | None = None, progress: bool = True):
-        if dtype not in DTYPES:
-            raise NanoSpecError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-        self.model_name, self.dtype_name, self.head_source = model, dtype, head
-        self.loaded = load_model(model, dtype=dtype, device=device, progress=progress)
+        if dtype != "auto" and dtype not in DTYPES:
+            raise NanoSpecError(f"unknown dtype {dtype!r}: choose auto or one of {', '.join(DTYPES)}")
+        self.model_name, self.head_source = model, head
+        self.dtype = resolve_dtype(dtype, device)
+        self.loaded = load_model(model, dtype=self.dtype, device=device, progress=progress)
         self.tokenizer = self.loaded.tokenizer
         self.target = TargetModel(self.loaded.hf_model)
         self._head = None

@@ -28,6 +28,8 @@ import time
 
 import torch
 
+from ..config import native_bf16_cpu
+
 _EMPTY = -1
 _NEVER_EVICT = torch.iinfo(torch.int64).max
 
@@ -313,16 +315,6 @@ class SubsetLMHead:
         if self.holes:
             free = torch.cat(self._free)
             need(free.numel() == self.holes and bool((self.slot_ids[free] == _EMPTY).all()), "free list is stale")
-
-
-def native_bf16_cpu() -> bool:
-    """Does this CPU multiply bf16 natively (AMX / AVX512-BF16)? Without, MKL's bf16 GEMM is ~3x slower than fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return True  # unknown platform: keep the weight's dtype
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def resolve_buffer_dtype(choice: str, weight: torch.Tensor) -> torch.dtype:
