@@ -3,9 +3,10 @@
     python app.py                      # the embedded Qwen2.5-Coder-0.5B-Instruct with its shipped head
     NANOSPEC_MODEL=/path/to/model NANOSPEC_HEAD=random NANOSPEC_DTYPE=float32 python app.py
 
-Environment: NANOSPEC_MODEL (default 'embedded'), NANOSPEC_DTYPE (bfloat16), NANOSPEC_HEAD (default: the shipped
-head, else a random one with a warning), NANOSPEC_QUESTIONS (the Spec-Bench questions file for the Benchmark tab),
-GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (read by Gradio itself).
+Environment: NANOSPEC_MODEL (default 'embedded'), NANOSPEC_DTYPE (default auto: bf16 where the CPU has it
+natively, else float32), NANOSPEC_HEAD (default: the shipped head, else a random one with a warning banner),
+NANOSPEC_QUESTIONS (the Spec-Bench file of the Benchmark tab), NANOSPEC_ANY_MODEL=1 (let users load hub ids and
+local folders, not only the packaged models), GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (read by Gradio).
 Layout and wiring only: the alternating runs are nanospec_core.compare, the charts and tables nanospec_core.ui.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from nanospec_core import ui
 from nanospec_core.compare import RunTrace, compare_runs
 from nanospec_core.config import GenerationConfig
 from nanospec_core.errors import NanoSpecError
-from nanospec_core.models.loading import model_key
+from nanospec_core.models.loading import PACKAGED, model_key
 from nanospec_core.session import Session, shipped_head_dir
 
 try:  # Hugging Face ZeroGPU Spaces: request a GPU for the generation function; a no-op everywhere else
@@ -37,8 +38,9 @@ except ImportError:
 
 ROOT = Path(__file__).resolve().parent
 MODEL = os.environ.get("NANOSPEC_MODEL", "embedded")
-DTYPE = os.environ.get("NANOSPEC_DTYPE", "bfloat16")
+DTYPE = os.environ.get("NANOSPEC_DTYPE", "auto")  # Session picks the fastest dtype measured on the device
 HEAD = os.environ.get("NANOSPEC_HEAD") or None
+ANY_MODEL = os.environ.get("NANOSPEC_ANY_MODEL", "") == "1"
 QUESTIONS = os.environ.get("NANOSPEC_QUESTIONS", str(ROOT.parent / "shared" / "data" / "spec_bench" / "question.jsonl"))
 UPDATE_EVERY_S = 0.25  # texts and table refresh at most this often (the last round always shows)
 CHART_EVERY_S = 1.5  # charts and the locality view: plotly redraws are the browser's heaviest work
@@ -50,7 +52,8 @@ EXAMPLES = [  # (label, prompt): one per task kind
     ("code", "Write a Python function `is_palindrome(s)` that ignores case and punctuation, with a short docstring "
              "and three doctest examples."),
     ("code edit", "Rename the variable `lst` to `numbers` everywhere in this code and add type hints:\n\n"
-                  "def mean(lst):\n    total = 0\n    for x in lst:\n        total += x\n    return total / len(lst)\n"),
+                  "def mean(lst):\n    total = 0\n    for x in lst:\n        total += x\n"
+                  "    return total / len(lst)\n"),
     ("chat", "I have a job interview tomorrow and I'm nervous. Give me five practical tips to prepare tonight."),
     ("math", "A train travels 180 km in 2 hours and then 120 km in 1.5 hours. What is its average speed over the "
              "whole trip? Explain step by step."),
@@ -66,8 +69,14 @@ EXAMPLES = [  # (label, prompt): one per task kind
 class SessionCache:
     """Loaded sessions by model name (at most `size`, least recently used dropped), with a head fallback note."""
 
-    def __init__(self, default_model: str = MODEL, dtype: str = DTYPE, head: str | None = HEAD, size: int = 2):
+    def __init__(self, default_model: str = MODEL, dtype: str = DTYPE, head: str | None = HEAD, size: int = 2,
+                 any_model: bool = ANY_MODEL):
         self.default_model, self.dtype, self.head, self.size = default_model, dtype, head, size
+        by_key: dict[str, str] = {}  # one name per distinct model ('embedded' is qwen2.5-coder-0.5b)
+        for name in (default_model, *PACKAGED):
+            by_key.setdefault(model_key(name), name)
+        self.choices = list(by_key.values())  # what a public demo may load
+        self.any_model = any_model  # also hub ids and local folders (downloads, disk: off unless asked for)
         self.sessions: OrderedDict[str, Session] = OrderedDict()
         self.notes: dict[str, str] = {}  # model -> warning shown with its results (random head)
         self.lock = threading.Lock()
@@ -86,6 +95,9 @@ class SessionCache:
             if model in self.sessions:
                 self.sessions.move_to_end(model)
                 return self.sessions[model]
+            if not self.any_model and model not in self.choices:
+                raise NanoSpecError(f"model '{model}' is not served here: choose {', '.join(self.choices)} "
+                                    "(NANOSPEC_ANY_MODEL=1 also allows hub ids and local folders)")
             print(f"nanospec app: loading model '{model}' ({self.dtype}) ...", flush=True)
             started = time.perf_counter()
             session = Session(model, dtype=self.dtype, head=self.head_for(model))
@@ -118,7 +130,7 @@ def prepare(prompt, model, values: dict):
         if model not in SESSIONS.sessions:
             gr.Info(f"Loading model '{model}' (first use; this can take a minute) ...")
         session = SESSIONS.get(model)
-        if model in SESSIONS.notes:
+        if model in SESSIONS.notes and model != SESSIONS.default_model:  # the default's note is the banner
             gr.Warning(SESSIONS.notes[model])
         return session, session.encode(prompt), gen, tree, vocab
     except Exception as error:  # noqa: BLE001 - every failure becomes a message; the app stays up
@@ -161,10 +173,17 @@ class View:
         return tuple(values.get(name, gr.skip()) for name in OUTPUTS)
 
 
+D = ui.DEFAULTS
+
+
 @GPU
-def compare(prompt, model=MODEL, *settings):
+def compare(prompt: str, model: str = MODEL, max_new_tokens=D["max_new_tokens"], temperature=D["temperature"],
+            seed=D["seed"], depth=D["depth"], top_k=D["top_k"], total_tokens=D["total_tokens"],
+            capacity=D["capacity"], prompt_topk=D["prompt_topk"], node_topk=D["node_topk"],
+            static_core=D["static_core"], fallback_threshold=D["fallback_threshold"]):
     """Stream plain EAGLE and EAGLE + NanoSpec, alternating rounds; the last update carries both final texts."""
-    values = {name: value for name, value in zip(SETTINGS, settings)}
+    arguments = dict(locals())
+    values = {name: arguments[name] for name in SETTINGS}
     session, prompt_ids, gen, tree, vocab = prepare(prompt, model, values)
     view = View(session, gen, vocab.capacity)
     runs = compare_runs(session, prompt_ids, gen, tree, vocab)
@@ -198,8 +217,10 @@ def benchmark(categories, limit, max_new_tokens, methods, model, *settings, prog
     try:
         if not methods:
             raise NanoSpecError("pick at least one method")
+        if not os.path.isfile(QUESTIONS):
+            raise NanoSpecError(f"the questions file {QUESTIONS} is missing: set NANOSPEC_QUESTIONS")
         gen, tree, vocab = ui.parse_settings(**values)
-        questions = load_questions(QUESTIONS, list(categories) or None, int(limit))
+        questions = load_questions(QUESTIONS, list(categories or []) or None, int(limit))
         session = SESSIONS.get(ui.check_model_name(model))
         result = run_benchmark(session, questions, list(methods), gen, tree, vocab,
                                progress=lambda fraction, text: progress(fraction, desc=text))
@@ -235,7 +256,8 @@ def build_app(banner: str = "") -> gr.Blocks:
                 prompt = gr.Textbox(label="Prompt", lines=4, scale=4, elem_id="prompt",
                                     placeholder="Ask something, or pick an example below")
                 with gr.Column(scale=1, min_width=220):
-                    model = gr.Textbox(value=MODEL, label="Model", info="'embedded', a hub id or a local folder")
+                    model = gr.Dropdown(SESSIONS.choices, value=SESSIONS.default_model, label="Model",
+                                        allow_custom_value=True, info="loaded on first use (at most 2 kept)")
                     generate = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop = gr.Button("Stop", variant="stop", elem_id="stop")
             gr.Examples([[p] for _, p in EXAMPLES], inputs=[prompt], example_labels=[k for k, _ in EXAMPLES],

@@ -288,7 +288,7 @@ def run_benchmark(session, questions: list[Question], methods: list[str], gen: G
     if not questions:
         raise NanoSpecError("no questions to run")
     tree, vocab = tree or TreeConfig(), vocab or VocabConfig()
-    config = {"model": session.model_name, "dtype": session.dtype_name, "methods": ", ".join(methods),
+    config = {"model": session.model_name, "dtype": str(session.dtype).removeprefix("torch."), "methods": ", ".join(methods),
               "max_new_tokens": gen.max_new_tokens, "temperature": gen.temperature, "seed": gen.seed,
               "tree": vars(tree), "vocab": vars(vocab), "questions": len(questions), "raw": raw}
     rows, interrupted = [], False

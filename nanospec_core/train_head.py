@@ -6,22 +6,24 @@ for position t the head reads (token x_{t+1}, target feature f_t) and predicts f
 with uniform noise U(-0.5, 0.5) * 0.2 * 512 / H added to the input features (the head must tolerate its own errors
 when it drafts several levels on its own predictions), AdamW (0.9, 0.95) and gradient clipping.
 
-The CPU choice: the classification term through the full lm head (151,936 x 896) costs ~4x the head itself per
-token (forward + input gradient of a [T, 896] x [896, 151,936] product; ~440 tok/s fwd+bwd measured on 2 cores).
-We use a *sampled softmax*: per sequence, the candidate rows are the union of the target's top-8 ids at every
-position (precomputed at extraction) plus `negatives` uniform random ids; the target distribution is its top-8
-probabilities renormalised. The target's probable tokens are exactly the hard negatives the draft must rank, and
-the head at inference often scores a sub-vocabulary anyway (NanoSpec's active set). Measured on this CPU with a
-2-core budget shared with other jobs (see MEASUREMENTS below), the sampled softmax costs a few percent over the
-regression-only step while the full head divides throughput by ~3.
+The CPU choice (measured on this machine: AMD EPYC, AVX2 only -- no AVX512-BF16/AMX, so bf16 matmuls are emulated;
+2 cores shared with other jobs, load 4-10, so absolute numbers are noisy, ratios less so):
+  * target feature extraction: fp32 ~34 tok/s (forward + top-8 of the lm head); bf16 ~11-19 tok/s -> fp32 target.
+  * one 896 x 4864 linear, fwd + bwd, 512 tokens: fp32 422 tok/s, bf16 autocast 23 tok/s -> fp32 master weights and
+    fp32 compute; the exported head is cast to bf16.
+  * classification term: the full 151,936-row lm head costs 37x a 4k-row slice, which alone runs at ~650 tok/s fwd +
+    bwd (fp32, 512 tokens) -- the full head would be ~4x the whole rest of the step. So: a *sampled softmax*. Per
+    sequence, the candidate rows are the union of the target's top-8 ids at every position (precomputed at
+    extraction) plus `negatives` uniform random ids (~2-3k rows in all); the target distribution is its top-8
+    probabilities renormalised. The target's probable tokens are exactly the hard negatives the draft must rank, and
+    at inference the head often scores a sub-vocabulary anyway (NanoSpec's active set).
+  * self-distillation (HF generate, batch 2, bf16): ~1.2 new tok/s under this load, so the shipped head uses none;
+    `--distill N --distill-minutes M` keeps the option for machines where it pays.
 Held-out metric: full-vocabulary top-1 agreement of the head's next token with the target's (one level), and a
-two-level estimate feeding the head's own predicted features back.
-
-MEASUREMENTS (2 shared cores, T = 1024 tokens per sequence, fwd+bwd, head with H=896, I=4864):
-  see `runs/bench_train.log`; filled in by the real run's log: `train: ... tok/s`.
+two-level estimate feeding the head's own predicted features back, scored where level one was right.
 
 Usage:  python -m nanospec_core.train_head --model embedded --out assets/heads/qwen2.5-coder-0.5b-instruct \
-            --work runs/head_qwen05 --minutes 45 --sharegpt 600 --distill-minutes 12
+            --work runs/head_qwen05 --sharegpt 300 --max-tokens 512 --extract-minutes 21.5 --minutes 40
 """
 from __future__ import annotations
 
@@ -46,14 +48,9 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Loss for one sequence
-
-
 def sequence_loss(head, seq: dict, lm_head_weight: torch.Tensor, negatives: int, noise: float,
                   generator: torch.Generator | None = None, cls_weight: float = 0.1):
     """EAGLE loss on one sequence dict (ids, hidden, loss_mask, topk_ids, topk_probs, see train_data).
-
     Returns (loss, stats) with loss averaged over the masked positions; stats: n, vloss, ploss, correct (sampled
     top-1 agreement with the target's argmax).
     """
@@ -83,7 +80,7 @@ def sequence_loss(head, seq: dict, lm_head_weight: torch.Tensor, negatives: int,
     ploss = -(p * logp).sum(-1).mean()
     correct = int((logits.argmax(-1) == top_cols[:, 0]).sum())
     loss = vloss + cls_weight * ploss
-    return loss, {"n": n, "vloss": float(vloss), "ploss": float(ploss), "correct": correct}
+    return loss, {"n": n, "vloss": float(vloss.detach()), "ploss": float(ploss.detach()), "correct": correct}
 
 
 @torch.no_grad()
@@ -115,10 +112,6 @@ def evaluate(head, sequences, lm_head_weight: torch.Tensor, max_positions: int =
     head.train(was_training)
     return {"top1": hits1 / max(total1, 1), "top1_level2_given_level1": hits2 / max(total2, 1),
             "positions": total1}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Training loop with checkpoints
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.1) -> float:
@@ -201,7 +194,7 @@ def train(head, train_seqs, lm_head_weight, work: Path, *, minutes: float | None
                 n_tok += stats["n"]
                 for key in ("vloss", "ploss"):
                     sums[key] += stats[key] * stats["n"]
-                sums["loss"] += float(loss) * stats["n"]
+                sums["loss"] += float(loss.detach()) * stats["n"]
                 sums["correct"] += stats["correct"]
             current_lr = lr_at(state["step"], state["total_steps"] or 10 ** 9, lr, warmup)
             for group in optimizer.param_groups:
@@ -231,35 +224,24 @@ def train(head, train_seqs, lm_head_weight, work: Path, *, minutes: float | None
     return state
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Export: head weights, loss curve, model card
-
-
 def plot_loss(csv_path: Path, png_path: Path) -> Path | None:
-    """Loss and sampled top-1 accuracy per step -> PNG (matplotlib; None when it is not installed)."""
+    """Loss terms and sampled top-1 agreement per step -> PNG (matplotlib; None when it is not installed)."""
     try:
         import matplotlib
-
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return None
     rows = list(csv.DictReader(csv_path.open()))
-    if not rows:
-        return None
     steps = [int(r["step"]) for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     for key in ("loss", "vloss", "ploss"):
         left.plot(steps, [float(r[key]) for r in rows], label=key, linewidth=1)
-    left.set_yscale("log")
-    left.set_xlabel("step")
+    left.set(yscale="log", xlabel="step", title="EAGLE loss = vloss + 0.1 ploss")
     left.legend()
-    left.set_title("EAGLE loss = vloss + 0.1 ploss")
     right.plot(steps, [float(r["acc"]) for r in rows], linewidth=1)
-    right.set_xlabel("step")
-    right.set_title("train top-1 agreement (sampled softmax)")
+    right.set(xlabel="step", title="train top-1 agreement (sampled softmax)")
     fig.tight_layout()
-    png_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
     return png_path
@@ -267,32 +249,23 @@ def plot_loss(csv_path: Path, png_path: Path) -> Path | None:
 
 def export(head, out: Path, extra: dict) -> None:
     """bf16 head (config.json + model.safetensors) via eagle.save_head, written to a temp folder then swapped in."""
+    import shutil
+
     from .models.eagle import save_head
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        import shutil
-        shutil.rmtree(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
     save_head(head, tmp, extra_config=extra)
-    for extra_file in ("MODEL_CARD.md", "loss.png"):  # keep the card and curve of the previous export
-        if (out / extra_file).exists() and not (tmp / extra_file).exists():
-            (tmp / extra_file).write_bytes((out / extra_file).read_bytes())
-    if out.exists():
-        import shutil
-        shutil.rmtree(out)
+    shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
 
 
 def write_card(out: Path, info: dict) -> None:
-    lines = [
-        f"# EAGLE-2 draft head for {info['model']}",
-        "",
-        "Trained on CPU by `nanospec_core.train_head` (EAGLE loss: SmoothL1 on the next feature + 0.1 x sampled-softmax",
-        "cross-entropy against the target's top-8 next-token distribution; uniform feature noise as in EAGLE).",
-        "",
-        "| | |", "|---|---|",
-    ]
+    lines = [f"# EAGLE-2 draft head for {info['model']}", "",
+             "Trained on CPU by `nanospec_core.train_head` (EAGLE loss: SmoothL1 on the next feature + 0.1 x "
+             "sampled-softmax cross-entropy against the target's top-8 next-token distribution; uniform feature noise "
+             "as in EAGLE).", "", "| | |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in info.items() if key != "command"]
     lines += ["", "Rerun:", "", "```", info.get("command", ""), "```", ""]
     (out / "MODEL_CARD.md").write_text("\n".join(lines))
@@ -307,17 +280,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder for the trained head (config.json, model.safetensors)")
     parser.add_argument("--work", default=None, help="working folder for data, shards, checkpoints (default runs/head_<key>)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--target-dtype", default="float32", help="float32 on AVX2-only CPUs (bf16 there is emulated)")
+    parser.add_argument("--shard-size", type=int, default=8, help="sequences per feature shard")
+    parser.add_argument("--held-out-every", type=int, default=10, help="every n-th sequence is held out")
     parser.add_argument("--minutes", type=float, default=40.0, help="training budget (this call)")
+    parser.add_argument("--end-by", default=None, help="HH:MM (local): shorten training so the run ends by then")
     parser.add_argument("--steps", type=int, default=None, help="total optimizer steps (default: fit --minutes)")
-    parser.add_argument("--sharegpt", type=int, default=600, help="ShareGPT conversations (forward only)")
-    parser.add_argument("--distill", type=int, default=400, help="prompts offered for self-distillation")
-    parser.add_argument("--distill-minutes", type=float, default=10.0, help="time budget for self-distillation")
+    parser.add_argument("--sharegpt", type=int, default=300, help="ShareGPT conversations (forward only)")
+    parser.add_argument("--distill", type=int, default=0, help="prompts offered for self-distillation")
+    parser.add_argument("--distill-minutes", type=float, default=0.0, help="time budget for self-distillation")
     parser.add_argument("--distill-batch", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=768, help="sequence length cap")
-    parser.add_argument("--extract-minutes", type=float, default=15.0, help="time budget for feature extraction")
-    parser.add_argument("--tokens-per-step", type=int, default=4096)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--max-tokens", type=int, default=512, help="sequence length cap")
+    parser.add_argument("--extract-minutes", type=float, default=20.0, help="time budget for feature extraction")
+    parser.add_argument("--tokens-per-step", type=int, default=1024)
+    parser.add_argument("--lr", type=float, default=6e-4)
+    parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--negatives", type=int, default=1024, help="random rows added to the sampled softmax")
     parser.add_argument("--checkpoint-every", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
@@ -333,7 +310,7 @@ def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     begin = time.time()
-    loaded = load_model(args.model, dtype="bfloat16", device=args.device)
+    loaded = load_model(args.model, dtype=args.target_dtype, device=args.device)
     target = TargetModel(loaded.hf_model)
     work = Path(args.work or f"runs/head_{loaded.key}")
     out = Path(args.out)
@@ -355,18 +332,20 @@ def run(args: argparse.Namespace) -> dict:
 
     # 2. Features (resumable shards); distilled first, as they matter most.
     deadline = time.time() + args.extract_minutes * 60
-    paths = train_data.extract_shards(target, distilled, work / "shards_distill", deadline=deadline, log=log)
-    paths += train_data.extract_shards(target, sharegpt, work / "shards_sharegpt", deadline=deadline, log=log)
+    paths = train_data.extract_shards(target, distilled, work / "shards_distill", args.shard_size,
+                                          deadline=deadline, log=log)
+    paths += train_data.extract_shards(target, sharegpt, work / "shards_sharegpt", args.shard_size,
+                                           deadline=deadline, log=log)
     sequences = train_data.load_sequences(paths)
-    held_out = sequences[::32]
-    train_seqs = [s for i, s in enumerate(sequences) if i % 32]
+    held_out = sequences[::args.held_out_every]
+    train_seqs = [s for i, s in enumerate(sequences) if i % args.held_out_every]
     n_tokens = sum(int(s["loss_mask"].sum()) for s in train_seqs)
     log(f"features: {len(train_seqs)} train sequences ({n_tokens} answer tokens), {len(held_out)} held out")
 
     # 3. Train (fp32 master weights), exporting a bf16 head at every checkpoint so a partial run is usable.
-    head = random_head(target, "eagle2", seed=args.seed).float()
+    head = random_head(target, "eagle2", seed=args.seed).float()  # fp32 master weights (bf16 backward: 30x slower)
     lm_head_weight = target.lm_head_weight.detach()
-    info = {"model": loaded.key, "target_dtype": "bfloat16", "self_distilled_sequences": len(distilled),
+    info = {"model": loaded.key, "target_dtype": args.target_dtype, "self_distilled_sequences": len(distilled),
             "sharegpt_sequences": len(sharegpt), "train_sequences": len(train_seqs), "train_answer_tokens": n_tokens,
             "command": "python -m nanospec_core.train_head " + " ".join(sys.argv[1:])}
 
@@ -376,10 +355,16 @@ def run(args: argparse.Namespace) -> dict:
         write_card(out, {**info, "steps": state["step"], "tokens_seen": state["tokens"],
                          "train_wall_s": round(state["train_s"]), "loss_curve": png and png.name})
 
-    state = train(head, train_seqs, lm_head_weight, work, minutes=args.minutes, steps=args.steps,
+    minutes = args.minutes
+    if args.end_by:  # leave ~3 minutes for the held-out evaluation and the export
+        hour, minute = map(int, args.end_by.split(":"))
+        end = time.mktime(time.localtime()[:3] + (hour, minute, 0, 0, 0, -1))
+        minutes = min(minutes, max(1.0, (end - time.time()) / 60 - 3))
+        log(f"training budget: {minutes:.1f} min (ends by {args.end_by})")
+    state = train(head, train_seqs, lm_head_weight, work, minutes=minutes, steps=args.steps,
                   tokens_per_step=args.tokens_per_step, lr=args.lr, warmup=args.warmup, negatives=args.negatives,
                   checkpoint_every=args.checkpoint_every, seed=args.seed, on_checkpoint=on_checkpoint)
-    metrics = evaluate(head, held_out, lm_head_weight.float() if args.device == "cpu" and False else lm_head_weight)
+    metrics = evaluate(head, held_out, lm_head_weight.float(), max_positions=1500)
     log(f"held-out: {metrics}")
     rows = list(csv.DictReader((work / "loss.csv").open()))
     last = rows[-20:]

@@ -216,10 +216,11 @@ def growth_figure(right: RunTrace, max_new_tokens: int, capacity: int):
 # Temporal-locality view: each committed token coloured by where its id entered the active set.
 
 ORIGIN_LABELS = {"prompt": "prompt", "prompt-topk": "prompt top-k", "output": "earlier output",
-                 "node-topk": "tree top-k", "static-core": "static core", "special": "special", "": "miss"}
+                 "node-topk": "tree top-k", "draft": "earlier draft", "static-core": "static core",
+                 "special": "special", "": "miss"}
 LOCALITY_COLORS = {"prompt": "#4c78a8", "prompt top-k": "#9ecae9", "earlier output": "#54a24b",
-                   "tree top-k": "#72b7b2", "static core": "#bab0ac", "special": "#b279a2", "miss": "#e45756",
-                   "hit": "#54a24b"}
+                   "tree top-k": "#72b7b2", "earlier draft": "#eeca3b", "static core": "#bab0ac",
+                   "special": "#b279a2", "miss": "#e45756", "hit": "#54a24b"}
 LOCALITY_NOTE = """
 **Why a tiny vocabulary suffices: temporal locality.** Text reuses its own words. A function name, a variable, a
 person's name or the phrase being translated appears in the prompt and comes back again and again in the answer;

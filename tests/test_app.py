@@ -1,0 +1,249 @@
+"""The Gradio app: its compare handler on a tiny model (streaming, final texts, equality check, errors, Stop), the UI
+helpers it is built from, and the /compare endpoint of the launched app through gradio_client."""
+import gradio as gr
+import pytest
+import torch
+
+import app
+from nanospec_core import ui
+from nanospec_core.compare import RunTrace, first_difference
+from nanospec_core.config import GenerationConfig, TreeConfig, VocabConfig
+from nanospec_core.metrics import StepStats
+
+PROMPT = "write python code please"
+SMALL = dict(max_new_tokens=16, depth=3, top_k=4, total_tokens=8)  # a few rounds, well under a second
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    """The app's session cache serving the tiny model (float32, random head); one thread: the tiny model is faster."""
+    saved_cache, saved_threads = app.SESSIONS, torch.get_num_threads()
+    app.SESSIONS = app.SessionCache(default_model=tiny_model_dir, dtype="float32", head="random")
+    torch.set_num_threads(1)
+    yield tiny_model_dir
+    app.SESSIONS = saved_cache
+    torch.set_num_threads(saved_threads)
+
+
+@pytest.fixture
+def every_round(monkeypatch):
+    """Refresh the UI on every round (the app throttles to a few updates per second)."""
+    monkeypatch.setattr(app, "UPDATE_EVERY_S", 0.0)
+    monkeypatch.setattr(app, "CHART_EVERY_S", 0.0)
+
+
+def compare(prompt, model, **settings):
+    """The handler as Gradio calls it: positional values in the order of the controls."""
+    values = {**ui.DEFAULTS, **settings}
+    return app.compare(prompt, model, *(values[name] for name in app.SETTINGS))
+
+
+def named(update) -> dict:
+    return dict(zip(app.OUTPUTS, update))
+
+
+def skipped(value) -> bool:
+    return isinstance(value, dict) and value.get("__type__") == "update" and len(value) == 1
+
+
+def test_both_texts_stream_and_the_last_update_carries_both_final_texts(model, every_round):
+    updates = [named(u) for u in compare(PROMPT, model, **SMALL)]
+    assert len(updates) >= 3
+    assert any(0 < len(u["eagle_text"]) < len(updates[-1]["eagle_text"]) for u in updates[:-1])
+    assert any(0 < len(u["nanospec_text"]) < len(updates[-1]["nanospec_text"]) for u in updates[:-1])
+    session = app.SESSIONS.get(model)
+    gen, tree, vocab = ui.parse_settings(**SMALL)
+    for method, key in (("eagle", "eagle_text"), ("nanospec", "nanospec_text")):
+        assert updates[-1][key] == session.generate(method, PROMPT, gen, tree=tree, vocab=vocab).text
+    final = updates[-1]
+    assert final["status"].startswith("done")
+    assert not any(skipped(v) for v in final.values())  # the last round always refreshes everything
+    assert len(final["locality"]) > 0
+
+
+def test_greedy_outputs_are_identical_and_the_check_says_so(model):
+    final = named(list(compare(PROMPT, model, temperature=0.0, **SMALL))[-1])
+    assert final["eagle_text"] == final["nanospec_text"]
+    assert "Outputs identical: yes" in final["identical"]
+
+
+def test_sampling_check_does_not_claim_identity(model):
+    final = named(list(compare(PROMPT, model, temperature=0.8, seed=3, **SMALL))[-1])
+    assert final["eagle_text"] and final["nanospec_text"]
+    assert "temperature > 0" in final["identical"]
+
+
+def test_summary_table_compares_nanospec_with_eagle(model):
+    table = named(list(compare(PROMPT, model, **SMALL))[-1])["summary"]
+    assert list(table.method) == ["EAGLE", "EAGLE + NanoSpec"]
+    for column in ("tokens/s", "tau", "draft ms/round", "speedup", "avg active vocab", "coverage"):
+        assert column in table.columns
+    assert table.speedup[0] == 1.0 and table.speedup[1] > 0
+    assert table["avg active vocab"][1] < table["avg active vocab"][0] == app.SESSIONS.get(model).target.vocab_size
+    assert table["new tokens"][0] == table["new tokens"][1] > 0
+
+
+@pytest.mark.parametrize("prompt, settings, message", [
+    ("", {}, "the prompt is empty"),
+    ("   \n", {}, "the prompt is empty"),
+    ("x" * 4001, {}, "limit is 4000"),
+    (PROMPT, {"max_new_tokens": 0}, "max new tokens must be between 1 and 1024"),
+    (PROMPT, {"temperature": -1}, "temperature must be between"),
+    (PROMPT, {"top_k": "many"}, "top k must be a number"),
+    (PROMPT, {"depth": 2.5}, "depth must be a whole number"),
+    (PROMPT, {"capacity": 512, "static_core": 512}, "static core .* must be smaller than capacity"),
+    (PROMPT, {"model": "/no/such/model-folder"}, "model '/no/such/model-folder' is not served here: choose"),
+    (PROMPT, {"model": " "}, "model name is empty"),
+])
+def test_bad_input_is_one_clear_error(model, prompt, settings, message):
+    settings = dict(settings)
+    chosen = settings.pop("model", model)
+    with pytest.raises(gr.Error, match=message):
+        next(compare(prompt, chosen, **settings))
+
+
+def test_unknown_model_is_a_clear_error_when_any_model_may_load(model, monkeypatch):
+    monkeypatch.setattr(app.SESSIONS, "any_model", True)
+    with pytest.raises(gr.Error, match="unknown model '/no/such/model-folder'"):
+        next(compare(PROMPT, "/no/such/model-folder"))
+
+
+def test_the_handler_still_works_after_errors(model):
+    with pytest.raises(gr.Error):
+        next(compare("", model))
+    final = named(list(compare(PROMPT, model, **SMALL))[-1])
+    assert final["status"].startswith("done")
+
+
+def test_stop_closes_both_runs_and_frees_their_state(model, every_round, monkeypatch):
+    session = app.SESSIONS.get(model)
+    streams = []
+    original = session.stream
+
+    def recording_stream(*args, **kwargs):
+        streams.append(original(*args, **kwargs))
+        return streams[-1]
+
+    monkeypatch.setattr(session, "stream", recording_stream)
+    handler = compare(PROMPT, model, **{**SMALL, "max_new_tokens": 64})
+    first, second = next(handler), next(handler)
+    assert not named(second)["status"].startswith("done")
+    handler.close()  # what Gradio does on Stop (cancels=...), between two rounds
+    assert [s.__name__ for s in streams] == ["speculative_decode", "speculative_decode"]
+    assert all(s.gi_frame is None for s in streams)  # closed: caches and vocabulary buffers released
+    monkeypatch.undo()
+    assert named(list(compare(PROMPT, model, **SMALL))[-1])["status"].startswith("done")
+
+
+def test_session_cache_keeps_at_most_two_models_and_notes_random_heads(monkeypatch):
+    built = []
+
+    class FakeSession:
+        def __init__(self, name, dtype, head):
+            built.append((name, head))
+            self.head = object()
+
+    monkeypatch.setattr(app, "Session", FakeSession)
+    cache = app.SessionCache(default_model="a", dtype="float32", head=None, size=2, any_model=True)
+    for name in ("a", "b", "a", "c"):
+        cache.get(name)
+    assert [name for name, _ in built] == ["a", "b", "c"]  # 'a' was reused
+    assert list(cache.sessions) == ["a", "c"]  # 'b', least recently used, was dropped
+    assert all(head == "random" for _, head in built)  # no head ships for these names
+    assert "RANDOM head" in cache.notes["a"]
+
+
+def test_compare_parameters_follow_the_controls_order():
+    import inspect
+
+    assert list(inspect.signature(app.compare).parameters) == ["prompt", "model", *app.SETTINGS]
+
+
+def test_benchmark_tab_runs_a_small_spec_bench_selection(model, tmp_path, monkeypatch):
+    questions = tmp_path / "question.jsonl"
+    questions.write_text('{"question_id": 1, "category": "coding", "turns": ["write python code"]}\n'
+                         '{"question_id": 2, "category": "translation", "turns": ["translate into french"]}\n')
+    monkeypatch.setattr(app, "QUESTIONS", str(questions))
+    settings = {**ui.DEFAULTS, **SMALL}
+    table, speedup, split = app.benchmark(["coding"], 1, 8, ["eagle", "nanospec"], model,
+                                          *(settings[name] for name in app.SETTINGS))
+    assert "nanospec" in table and "coding" in table and "translation" not in table
+    assert speedup is not None and split is not None
+    with pytest.raises(gr.Error, match="unknown category"):
+        app.benchmark(["poetry"], 1, 8, ["eagle"], model)
+    monkeypatch.setattr(app, "QUESTIONS", str(tmp_path / "missing.jsonl"))
+    with pytest.raises(gr.Error, match="questions file .* is missing"):
+        app.benchmark([], 1, 8, ["eagle"], model)
+
+
+# --- UI helpers ----------------------------------------------------------------------------------------------
+
+def test_settings_default_to_the_config_defaults():
+    gen, tree, vocab = ui.parse_settings()
+    assert gen == GenerationConfig(max_new_tokens=ui.DEFAULTS["max_new_tokens"])
+    assert tree == TreeConfig() and vocab == VocabConfig()
+
+
+def trace(method, rounds, active=100, draft_ms=10.0, hits=None, origins=None) -> RunTrace:
+    t = RunTrace(method)
+    t.steps = [StepStats(round=0, tokens=[5], accepted=1)]
+    t.steps += [StepStats(round=r, tokens=[10 + r, 20 + r], accepted=2, tree_size=8, active_vocab=active + r,
+                          hits=hits or [True, False], origins=origins, draft_ms=draft_ms, lm_head_ms=1.0)
+                for r in range(1, rounds + 1)]
+    t.token_ids = [i for s in t.steps for i in s.tokens]
+    t.wall_s = 0.1 * rounds
+    return t
+
+
+def test_chart_axes_are_fixed_up_front_and_only_grow():
+    axes = ui.ChartAxes(max_new_tokens=64, capacity=4096)
+    assert axes.rounds == 32
+    axes.fit(trace("eagle", 3, draft_ms=10.0), trace("nanospec", 3, draft_ms=4.0))
+    assert axes.rounds == 32 and axes.latency_ms == 50  # 3x the typical round, rounded up to 1-2-5
+    axes.fit(trace("eagle", 3, draft_ms=9.0), trace("nanospec", 3, draft_ms=3.0))
+    assert axes.latency_ms == 50  # never shrinks
+    axes.fit(trace("eagle", 40, draft_ms=40.0), trace("nanospec", 40, draft_ms=40.0))
+    assert axes.rounds == 64 and axes.latency_ms == 100
+    figure = ui.latency_figure(trace("eagle", 3), trace("nanospec", 3), axes)
+    assert list(figure.layout.xaxis.range) == [0.5, 64.5] and list(figure.layout.yaxis.range) == [0, 100]
+
+
+def test_locality_labels_use_origins_and_fall_back_to_hit_or_miss():
+    with_origins = trace("nanospec", 2, hits=[True, False], origins=["prompt-topk", ""])
+    assert ui.token_labels(with_origins) == [None, "prompt top-k", "miss", "prompt top-k", "miss"]
+    without = trace("nanospec", 1, hits=[True, False], origins=None)
+    assert ui.token_labels(without) == [None, "hit", "miss"]
+    assert ui.locality_spans(["a", "", "c"], [None, "hit", "miss"]) == [("a", None), ("c", "miss")]
+
+
+def test_token_pieces_rebuild_the_decoded_text(model):
+    session = app.SESSIONS.get(model)
+    result = session.generate("nanospec", PROMPT, GenerationConfig(max_new_tokens=40))
+    pieces = ui.token_pieces(session.decode, result.token_ids)
+    assert len(pieces) == len(result.token_ids) and "".join(pieces) == result.text
+    assert ui.token_pieces(session.decode, result.token_ids, start=10) == pieces[10:]
+
+
+def test_identity_check_names_the_first_difference():
+    left, right = trace("eagle", 2), trace("nanospec", 2)
+    right.token_ids = right.token_ids[:3] + [99] + right.token_ids[4:]
+    left.finished = right.finished = True
+    line = ui.identity_check(left, right, 0.0, lambda ids: f"<{ids[0]}>")
+    assert "no" in line and "token 3" in line and "<99>" in line
+    assert first_difference(left.token_ids, right.token_ids) == 3
+
+
+# --- the launched app over HTTP ------------------------------------------------------------------------------
+
+def test_compare_endpoint_streams_both_texts_over_http(app_server):
+    from gradio_client import Client
+
+    client = Client(app_server.url, verbose=False)
+    with pytest.raises(Exception, match="the prompt is empty"):
+        client.predict("", api_name="/compare")
+    job = client.submit(PROMPT, api_name="/compare")  # every other input takes its default
+    final = job.result(timeout=120)
+    assert len(job.outputs()) >= 2  # streamed: several updates before the last
+    eagle_text, nanospec_text, status, identical = final[:4]
+    assert eagle_text and eagle_text == nanospec_text
+    assert status.startswith("done") and "Outputs identical: yes" in identical

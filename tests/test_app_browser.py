@@ -1,0 +1,98 @@
+"""The app in a real browser: Debian's chromium, headless, driven by playwright's Python package.
+
+Runs an example end to end (both outputs and the charts show), saves docs/screenshot.png, cancels a run mid-stream
+and checks the app still answers. Skips when chromium or playwright is missing (.ci/run installs chromium).
+The tiny test model writes gibberish; for a README screenshot of the real thing:
+    NANOSPEC_APP_TEST_MODEL=embedded python -m pytest tests/test_app_browser.py
+"""
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import AppServer
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "screenshot.png"
+RUN_TIMEOUT_MS = 120_000
+
+if not os.path.exists(CHROMIUM):
+    pytest.skip("chromium is not installed (apt-get install chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+
+
+@pytest.fixture(scope="module")
+def server(request, tmp_path_factory):
+    """The shared tiny-model app, or the model in NANOSPEC_APP_TEST_MODEL (its shipped head, bfloat16)."""
+    model = os.environ.get("NANOSPEC_APP_TEST_MODEL")
+    if not model:
+        yield request.getfixturevalue("app_server")
+        return
+    own = AppServer(model, tmp_path_factory.mktemp("app-browser") / "app.log", dtype="bfloat16",
+                    head=os.environ.get("NANOSPEC_HEAD"))
+    try:
+        own.wait_ready(timeout_s=900)
+        yield own
+    finally:
+        own.stop()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(60_000)
+            page.goto(server.url)
+            page.wait_for_selector("#prompt textarea")
+            yield page
+        finally:
+            browser.close()
+
+
+def status(page) -> str:
+    return page.locator("#status").inner_text()
+
+
+def wait_done(page):
+    page.wait_for_function("() => (document.querySelector('#status')?.innerText || '').startsWith('done')",
+                           timeout=RUN_TIMEOUT_MS)
+
+
+def test_an_example_streams_both_outputs_and_the_charts(page, tmp_path):
+    page.get_by_role("button", name="translation", exact=True).click()
+    page.wait_for_function("() => document.querySelector('#prompt textarea').value.startsWith('Translate')")
+    page.click("#generate")
+    wait_done(page)
+    assert page.locator("#eagle-output textarea").input_value().strip()
+    assert page.locator("#nanospec-output textarea").input_value().strip()
+    assert page.locator('[data-testid="plotly"]').first.is_visible()
+    assert "Outputs identical" in page.locator("#identical").inner_text()
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    shutil.copy(SCREENSHOT, tmp_path / "screenshot.png")
+    assert SCREENSHOT.stat().st_size > 10_000
+
+
+def test_stop_cancels_mid_stream_and_the_app_still_answers(page, server):
+    log_start = server.log_path.stat().st_size
+    page.locator("#prompt textarea").fill("Write a long story about a fox, a train and a python.")
+    page.click("#generate")
+    page.wait_for_function("() => (document.querySelector('#status')?.innerText || '').startsWith('running')")
+    page.click("#stop")
+    time.sleep(1.0)
+    stopped_at = status(page)
+    time.sleep(1.5)
+    assert status(page) == stopped_at and not stopped_at.startswith("done")  # nothing arrives after Stop
+    page.locator("#prompt textarea").fill("Translate into French: good morning")
+    page.click("#generate")
+    wait_done(page)
+    assert page.locator("#nanospec-output textarea").input_value().strip()
+    with open(server.log_path, errors="replace") as log:
+        log.seek(log_start)
+        assert "Traceback" not in log.read()  # the cancelled run ended quietly

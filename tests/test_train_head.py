@@ -1,0 +1,86 @@
+"""EAGLE head training on a tiny random Qwen2 target: data shards, loss falls, checkpoint resume, export + load."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from nanospec_core import train_data
+from nanospec_core.models.eagle import load_head, random_head
+from nanospec_core.models.target import TargetModel
+from nanospec_core.train_head import evaluate, export, load_checkpoint, train
+
+from .conftest import tiny_hf_model
+
+
+@pytest.fixture(scope="module")
+def target():
+    return TargetModel(tiny_hf_model("qwen2"))
+
+
+@pytest.fixture(scope="module")
+def sequences(target, tmp_path_factory):
+    """Six raw id sequences (answer mask on the second half) -> shards of 4 -> sequence dicts."""
+    gen = torch.Generator().manual_seed(0)
+    raw = []
+    for n in (40, 48, 56, 40, 64, 48):
+        ids = torch.randint(3, target.vocab_size, (n,), generator=gen).tolist()
+        raw.append((ids, [0] * (n // 2) + [1] * (n - n // 2)))
+    folder = tmp_path_factory.mktemp("shards")
+    paths = train_data.extract_shards(target, raw, folder, shard_size=4, topk=8, log=lambda *_: None)
+    assert [p.name for p in paths] == ["shard_00000.safetensors", "shard_00001.safetensors"]
+    # Resumable: a second call finds both shards and recomputes nothing.
+    again = train_data.extract_shards(target, raw, folder, shard_size=4, topk=8, deadline=0.0, log=lambda *_: None)
+    assert again == paths
+    return train_data.load_sequences(paths)
+
+
+def test_shards_hold_target_features_and_top_ids(target, sequences):
+    seq = sequences[0]
+    assert seq["hidden"].shape == (40, 64) and seq["topk_ids"].shape == (40, 8)
+    out = target.forward(seq["ids"], target.new_cache(40))
+    assert torch.allclose(seq["hidden"].float(), out.hidden, atol=0.05, rtol=0.02)
+    assert torch.equal(seq["topk_ids"][:, 0], target.logits(out.hidden).argmax(-1))
+    assert torch.allclose(seq["topk_probs"].sum(-1), torch.ones(40), atol=1.0)  # top-8 mass <= 1
+
+
+def losses(work):
+    return [float(row["loss"]) for row in csv.DictReader((work / "loss.csv").open())]
+
+
+def test_a_few_steps_make_the_loss_fall(target, sequences, tmp_path):
+    head = random_head(target, seed=0).float()
+    train(head, sequences, target.lm_head_weight, tmp_path, steps=30, tokens_per_step=64, lr=3e-3, warmup=3,
+          negatives=64, checkpoint_every=100)
+    curve = losses(tmp_path)
+    assert len(curve) == 30
+    assert sum(curve[-5:]) / 5 < 0.7 * sum(curve[:3]) / 3
+
+
+def test_resume_continues_from_the_checkpointed_step(target, sequences, tmp_path):
+    head = random_head(target, seed=0).float()
+    state = train(head, sequences, target.lm_head_weight, tmp_path, steps=3, tokens_per_step=64, negatives=64,
+                  checkpoint_every=1)
+    assert state["step"] == 3
+    fresh = random_head(target, seed=1).float()
+    optimizer = torch.optim.AdamW(fresh.parameters())
+    assert load_checkpoint(tmp_path / "checkpoint.pt", fresh, optimizer)["step"] == 3
+    assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), fresh.state_dict().values()))
+    resumed = random_head(target, seed=2).float()
+    state = train(resumed, sequences, target.lm_head_weight, tmp_path, steps=5, tokens_per_step=64, negatives=64,
+                  checkpoint_every=1)
+    assert state["step"] == 5
+    assert [int(row["step"]) for row in csv.DictReader((tmp_path / "loss.csv").open())] == [1, 2, 3, 4, 5]
+
+
+def test_exported_head_loads_and_drafts_finite_hidden_states(target, sequences, tmp_path):
+    head = random_head(target, seed=0).float()
+    train(head, sequences, target.lm_head_weight, tmp_path / "work", steps=2, tokens_per_step=64, negatives=64)
+    export(head, tmp_path / "head", {"training": {"steps": 2}})
+    loaded = load_head(str(tmp_path / "head"), target)
+    seq = sequences[1]
+    hidden = loaded.forward(seq["ids"][1:], seq["hidden"][:-1], loaded.new_cache(64))
+    assert hidden.shape == (47, 64) and torch.isfinite(hidden).all()
+    metrics = evaluate(loaded, sequences, target.lm_head_weight)
+    assert 0.0 <= metrics["top1"] <= 1.0 and metrics["positions"] > 0
