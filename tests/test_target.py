@@ -56,15 +56,22 @@ def tree_example():
     return mask, torch.tensor(depth)
 
 
-def test_tree_forward_equals_separate_branches(tiny_model):
-    target = TargetModel(tiny_model)
+def verify_tree_after_prefix(target):
+    """Commit a 10-token prefix, then run the 4-node example tree into the pending tail."""
     prefix = torch.randint(0, 4096, (10,))
     tree_tokens = torch.randint(0, 4096, (4,))
     mask, depth = tree_example()
     cache = target.new_cache(32)
     target.forward(prefix, cache)
     cache.commit()
-    tree_logits = target.logits(target.forward(tree_tokens, cache, positions=10 + depth, tree_mask=mask).hidden)
+    out = target.forward(tree_tokens, cache, positions=10 + depth, tree_mask=mask)
+    return prefix, tree_tokens, cache, out
+
+
+def test_tree_forward_equals_separate_branches(tiny_model):
+    target = TargetModel(tiny_model)
+    prefix, tree_tokens, cache, out = verify_tree_after_prefix(target)
+    tree_logits = target.logits(out.hidden)
     cache.discard()
     branches = {1: [0, 1], 2: [0, 2], 3: [0, 1, 3]}  # verify index -> its root-to-node path
     for node, path in branches.items():
@@ -74,13 +81,7 @@ def test_tree_forward_equals_separate_branches(tiny_model):
 
 def test_keep_path_cache_equals_cache_of_path_alone(tiny_model):
     target = TargetModel(tiny_model)
-    prefix = torch.randint(0, 4096, (10,))
-    tree_tokens = torch.randint(0, 4096, (4,))
-    mask, depth = tree_example()
-    cache = target.new_cache(32)
-    target.forward(prefix, cache)
-    cache.commit()
-    target.forward(tree_tokens, cache, positions=10 + depth, tree_mask=mask)
+    prefix, tree_tokens, cache, _ = verify_tree_after_prefix(target)
     cache.commit(torch.tensor([0, 1, 3]))  # accept r -> a -> c
     reference = target.new_cache(32)
     target.forward(torch.cat([prefix, tree_tokens[[0, 1, 3]]]), reference)

@@ -46,24 +46,24 @@ def hf_generate(hf_model, request: Request, prompt_lookup: int = 0) -> Iterator[
     Sampling knobs from the model's generation_config (top-k/top-p/repetition penalty) are overridden so that every
     method samples from the same plain softmax(logits / T) distribution. Yields one StepStats with all tokens.
     """
+    from transformers import GenerationConfig as HFGenerationConfig
+
     clock = Clock(hf_model.device)
     sampling = request.gen.temperature > 0
     if sampling:
         torch.manual_seed(request.gen.seed)
-    kwargs = dict(max_new_tokens=request.gen.max_new_tokens, do_sample=sampling, top_k=0, top_p=1.0,
-                  repetition_penalty=1.0, eos_token_id=sorted(request.stop_ids) if request.gen.stop_on_eos else None,
-                  pad_token_id=hf_model.config.eos_token_id if hf_model.config.pad_token_id is None else None)
-    if sampling:
-        kwargs["temperature"] = request.gen.temperature
-    else:
-        kwargs["temperature"] = None
-    if prompt_lookup:
-        kwargs["prompt_lookup_num_tokens"] = prompt_lookup
-    kwargs = {k: v for k, v in kwargs.items() if v is not None or k in ("temperature",)}
+    config = HFGenerationConfig(
+        max_new_tokens=request.gen.max_new_tokens, do_sample=sampling, num_beams=1,
+        eos_token_id=sorted(request.stop_ids) if request.gen.stop_on_eos and request.stop_ids else None,
+        pad_token_id=hf_model.config.pad_token_id if hf_model.config.pad_token_id is not None
+        else hf_model.config.eos_token_id,
+        prompt_lookup_num_tokens=prompt_lookup or None,
+        **(dict(temperature=request.gen.temperature, top_k=0, top_p=1.0) if sampling else {}),
+    )
     ids = request.prompt_ids.to(hf_model.device).unsqueeze(0)
     t0 = clock()
     with torch.inference_mode():
-        output = hf_model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+        output = hf_model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
     elapsed = clock() - t0
     tokens, done = clip_tokens(output[0, ids.shape[1]:].tolist(), 0, request)
     yield StepStats(round=0, tokens=tokens, accepted=len(tokens), prefill_ms=elapsed * 1e3, finished=True)
