@@ -27,6 +27,7 @@ from typing import Callable
 import pandas as pd
 import torch
 
+from .compare import first_difference
 from .config import GenerationConfig, TreeConfig, VocabConfig
 from .errors import NanoSpecError
 
@@ -92,14 +93,6 @@ def top2_margin(target, prompt_ids: torch.Tensor, prefix: list[int]) -> tuple[fl
     hidden = target.forward(ids, cache).hidden[-1:]  # [1, H]
     values, indices = target.logits(hidden)[0].topk(2)
     return float(values[0] - values[1]), int(indices[0]), int(indices[1])
-
-
-def first_difference(reference: list[int], other: list[int]) -> int | None:
-    """Index of the first differing token (a length difference counts at the shorter end); None when equal."""
-    for i, (a, b) in enumerate(zip(reference, other)):
-        if a != b:
-            return i
-    return None if len(reference) == len(other) else min(len(reference), len(other))
 
 
 def record(question: Question, result, reference, prompt_ids, target, greedy: bool) -> dict:

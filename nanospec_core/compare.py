@@ -15,13 +15,13 @@ frees their KV caches and vocabulary buffers.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 
 from .config import GenerationConfig, TreeConfig, VocabConfig
+from .decoding.engine import Clock
 from .metrics import RunSummary, StepStats, summarize
 
 DEFAULT_METHODS = ("eagle", "nanospec")  # left: plain EAGLE-2 (full-vocab draft lm head); right: EAGLE + NanoSpec
@@ -83,8 +83,7 @@ def compare_runs(session, prompt_ids: torch.Tensor, gen: GenerationConfig, tree:
     traces' `text` is refreshed for the methods that advanced.
     """
     tree, vocab = tree or TreeConfig(), vocab or VocabConfig()
-    cuda = session.target.device.type == "cuda"
-    clock = (lambda: (torch.cuda.synchronize(), time.perf_counter())[1]) if cuda else time.perf_counter
+    clock = Clock(session.target.device)
 
     traces = [RunTrace(method) for method in methods]
     streams = []

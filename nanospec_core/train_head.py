@@ -54,8 +54,7 @@ def sequence_loss(head, seq: dict, lm_head_weight: torch.Tensor, negatives: int,
     Returns (loss, stats) with loss averaged over the masked positions; stats: n, vloss, ploss, correct (sampled
     top-1 agreement with the target's argmax).
     """
-    ids, hidden = seq["ids"], seq["hidden"]
-    T = ids.shape[0]
+    ids, hidden, T = seq["ids"], seq["hidden"], seq["ids"].shape[0]
     mask = seq["loss_mask"][1:]  # [T-1]: position t's prediction is f_{t+1}, scored when t+1 is an answer token
     n = int(mask.sum())
     if T < 2 or n == 0:
@@ -92,8 +91,7 @@ def evaluate(head, sequences, lm_head_weight: torch.Tensor, max_positions: int =
     for seq in sequences:
         if total1 >= max_positions:
             break
-        ids, hidden, mask = seq["ids"], seq["hidden"], seq["loss_mask"]
-        T = ids.shape[0]
+        ids, hidden, mask, T = seq["ids"], seq["hidden"], seq["loss_mask"], seq["ids"].shape[0]
         if T < 3:
             continue
         dtype = next(head.parameters()).dtype
@@ -146,7 +144,7 @@ def load_checkpoint(path: Path, head, optimizer) -> dict:
 def train(head, train_seqs, lm_head_weight, work: Path, *, minutes: float | None = None, steps: int | None = None,
           tokens_per_step: int = 4096, lr: float = 5e-4, warmup: int = 20, negatives: int = 1024,
           noise: float = FEATURE_NOISE, clip: float = 0.5, checkpoint_every: int = 10, seed: int = 0,
-          on_checkpoint=None, held_out=None) -> dict:
+          on_checkpoint=None) -> dict:
     """Train `head` in place; resumes from work/checkpoint.pt. Stops after `steps` or `minutes` of this call.
 
     With only `minutes`, the total step count (which fixes the cosine schedule) is set from the measured time of
@@ -159,6 +157,10 @@ def train(head, train_seqs, lm_head_weight, work: Path, *, minutes: float | None
     if ckpt_path.exists():
         state = load_checkpoint(ckpt_path, head, optimizer)
         log(f"resumed from step {state['step']} ({state['tokens']} tokens)")
+        if csv_path.exists():  # drop rows logged after the checkpoint by a killed run
+            rows = csv_path.read_text().splitlines()
+            kept = rows[:1] + [r for r in rows[1:] if int(r.split(",")[0]) <= state["step"]]
+            csv_path.write_text("\n".join(kept) + "\n")
     elif csv_path.exists():
         csv_path.unlink()
     if steps is not None:
@@ -271,14 +273,11 @@ def write_card(out: Path, info: dict) -> None:
     (out / "MODEL_CARD.md").write_text("\n".join(lines))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# CLI
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="embedded", help="target: 'embedded', a hub id or a local folder")
     parser.add_argument("--out", required=True, help="folder for the trained head (config.json, model.safetensors)")
-    parser.add_argument("--work", default=None, help="working folder for data, shards, checkpoints (default runs/head_<key>)")
+    parser.add_argument("--work", default=None, help="data/checkpoints (default runs/head_<key>)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--target-dtype", default="float32", help="float32 on AVX2-only CPUs (bf16 there is emulated)")
     parser.add_argument("--shard-size", type=int, default=8, help="sequences per feature shard")
@@ -297,6 +296,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--negatives", type=int, default=1024, help="random rows added to the sampled softmax")
     parser.add_argument("--checkpoint-every", type=int, default=10)
+    parser.add_argument("--train-on-prompts", action="store_true", help="score prompt positions too")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
 
@@ -332,25 +332,26 @@ def run(args: argparse.Namespace) -> dict:
 
     # 2. Features (resumable shards); distilled first, as they matter most.
     deadline = time.time() + args.extract_minutes * 60
-    paths = train_data.extract_shards(target, distilled, work / "shards_distill", args.shard_size,
-                                          deadline=deadline, log=log)
-    paths += train_data.extract_shards(target, sharegpt, work / "shards_sharegpt", args.shard_size,
-                                           deadline=deadline, log=log)
+    paths = [path for name, seqs in (("distill", distilled), ("sharegpt", sharegpt)) for path in
+             train_data.extract_shards(target, seqs, work / f"shards_{name}", args.shard_size, deadline=deadline,
+                                       log=log)]
     sequences = train_data.load_sequences(paths)
     held_out = sequences[::args.held_out_every]
     train_seqs = [s for i, s in enumerate(sequences) if i % args.held_out_every]
+    if args.train_on_prompts:  # scarce data: the target's predictions on prompt text are signal too
+        train_seqs = [{**s, "loss_mask": torch.ones_like(s["loss_mask"])} for s in train_seqs]
     n_tokens = sum(int(s["loss_mask"].sum()) for s in train_seqs)
-    log(f"features: {len(train_seqs)} train sequences ({n_tokens} answer tokens), {len(held_out)} held out")
+    log(f"features: {len(train_seqs)} train sequences ({n_tokens} scored tokens), {len(held_out)} held out")
 
     # 3. Train (fp32 master weights), exporting a bf16 head at every checkpoint so a partial run is usable.
     head = random_head(target, "eagle2", seed=args.seed).float()  # fp32 master weights (bf16 backward: 30x slower)
     lm_head_weight = target.lm_head_weight.detach()
     info = {"model": loaded.key, "target_dtype": args.target_dtype, "self_distilled_sequences": len(distilled),
-            "sharegpt_sequences": len(sharegpt), "train_sequences": len(train_seqs), "train_answer_tokens": n_tokens,
+            "sequences_extracted": len(sequences), "train_sequences": len(train_seqs), "train_scored_tokens": n_tokens,
             "command": "python -m nanospec_core.train_head " + " ".join(sys.argv[1:])}
 
     def on_checkpoint(state):
-        export(head, out, {"training": {k: v for k, v in state.items()}})
+        export(head, out, {"training": dict(state)})
         png = plot_loss(work / "loss.csv", out / "loss.png")
         write_card(out, {**info, "steps": state["step"], "tokens_seen": state["tokens"],
                          "train_wall_s": round(state["train_s"]), "loss_curve": png and png.name})
@@ -366,8 +367,7 @@ def run(args: argparse.Namespace) -> dict:
                   checkpoint_every=args.checkpoint_every, seed=args.seed, on_checkpoint=on_checkpoint)
     metrics = evaluate(head, held_out, lm_head_weight.float(), max_positions=1500)
     log(f"held-out: {metrics}")
-    rows = list(csv.DictReader((work / "loss.csv").open()))
-    last = rows[-20:]
+    last = list(csv.DictReader((work / "loss.csv").open()))[-20:]
     info.update({"steps": state["step"], "tokens_seen": state["tokens"], "train_wall_s": round(state["train_s"]),
                  "total_wall_s": round(time.time() - begin),
                  "final_loss_last20": round(sum(float(r["loss"]) for r in last) / max(len(last), 1), 4),

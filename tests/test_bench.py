@@ -137,7 +137,7 @@ def test_a_divergent_record_carries_the_first_position_and_the_reference_margin(
 class ScriptedSession:
     """Records the call order; every method returns the same tokens; `interrupt_at` raises Ctrl-C on that call."""
 
-    model_name, dtype_name, target = "scripted", "float32", None
+    model_name, dtype, target = "scripted", torch.float32, None
 
     def __init__(self, interrupt_at=None):
         self.calls, self.interrupt_at = [], interrupt_at
