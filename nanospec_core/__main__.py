@@ -26,7 +26,7 @@ def add_decode_args(parser: argparse.ArgumentParser) -> None:
     from .config import TreeConfig, VocabConfig
 
     tree, vocab = TreeConfig(), VocabConfig()
-    parser.add_argument("--tree-preset", default=None, choices=["cpu", "gpu", "chain"])
+    parser.add_argument("--tree-preset", default=None, choices=["cpu", "deep", "gpu", "chain"])
     parser.add_argument("--depth", type=int, default=tree.depth)
     parser.add_argument("--top-k", type=int, default=tree.top_k)
     parser.add_argument("--total-tokens", type=int, default=tree.total_tokens)
@@ -128,8 +128,9 @@ def cmd_locality(args) -> int:
                       category=row.category) for row in records.itertuples()]
     core = session.frequency.tolist() if session.frequency is not None else []
     candidates = [Sources(prompt_topk=p, output_topk=o, static_core=c)
-                  for p, o, c in [(0, 0, 0), (3, 0, 0), (3, 3, 0), (10, 10, 0), (3, 3, 1024), (10, 10, 1024),
-                                  (3, 10, 1024), (10, 10, 2048), (3, 3, 512), (5, 5, 512), (10, 10, 512)]]
+                  for p, o, c in [(0, 0, 0), (3, 0, 0), (3, 3, 0), (10, 10, 0), (3, 3, 512), (3, 3, 1024),
+                                  (3, 10, 512), (3, 10, 1024), (3, 10, 1536), (10, 10, 1024),
+                                  (10, 10, 2048)]]
     rows = compare_sources(replays, candidates, core, sorted(session.stop_ids))
     print(f"{len(replays)} outputs, {sum(len(r.ids) - r.prompt_len for r in replays)} tokens")
     print(markdown(pd.DataFrame(rows).round(3)))

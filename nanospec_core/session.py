@@ -6,8 +6,9 @@
 """
 from __future__ import annotations
 
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -57,6 +58,7 @@ class Session:
         self.target = TargetModel(self.loaded.hf_model)
         self._head = None
         self._frequency = None
+        self._warned_no_core = False
 
     # --- lazily loaded parts -----------------------------------------------------------------------------
     @property
@@ -116,10 +118,16 @@ class Session:
         head = self.head
         frequency = self.frequency
         name = DRAFT_METHODS[method]
-        if name == "static" or (name == "nanospec" and vocab.static_core > 0):
-            if frequency is None:
-                raise NanoSpecError(f"no frequency table for {self.loaded.key!r}: run "
-                                    f"`python -m nanospec_core prepare --model {self.model_name}`")
+        if frequency is None and (name == "static" or (name == "nanospec" and vocab.static_core > 0)):
+            advice = f"run `python -m nanospec_core prepare --model {self.model_name}`"
+            if name == "static":
+                raise NanoSpecError(f"no frequency table for {self.loaded.key!r}: {advice}")
+            # The static core is a refinement of the in-context set, not a requirement: run without it.
+            if not self._warned_no_core:
+                print(f"note: no frequency table for {self.loaded.key!r}, NanoSpec runs without its static core "
+                      f"({advice})", file=sys.stderr)
+                self._warned_no_core = True
+            vocab = replace(vocab, static_core=0)
         return make_policy(name, head.lm_head_weight, vocab, self.target.vocab_size,
                            head_to_target=head.head_to_target, frequency=frequency)
 
