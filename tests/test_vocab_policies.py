@@ -84,8 +84,8 @@ def test_static_without_a_frequency_table_is_a_clear_error(weight):
 
 
 def test_nanospec_begin_seeds_prompt_prompt_topk_and_special_ids(weight):
-    policy = make_policy("nanospec", weight, VocabConfig(capacity=256), V)
-    assert isinstance(policy, InContextVocab) and policy.prompt_topk == 3 and policy.node_topk == 3
+    policy = make_policy("nanospec", weight, VocabConfig(static_core=0, capacity=256), V)
+    assert isinstance(policy, InContextVocab) and policy.prompt_topk == 3 and policy.node_topk == VocabConfig().node_topk
     prompt = torch.tensor([10, 11, 12, 10])
     prompt_topk = torch.tensor([[20, 21, 22], [23, 10, 24], [25, 26, 27], [28, 29, 20]])
     policy.begin(prompt, prompt_topk, EOS)
@@ -104,7 +104,7 @@ def test_nanospec_begin_seeds_prompt_prompt_topk_and_special_ids(weight):
 
 
 def test_nanospec_observe_absorbs_drafted_node_topk_and_committed_ids(weight):
-    policy = make_policy("nanospec", weight, VocabConfig(capacity=256), V)
+    policy = make_policy("nanospec", weight, VocabConfig(static_core=0, capacity=256), V)
     policy.begin(torch.tensor([1, 2]), None, EOS)
     policy.prepare()
     committed = torch.tensor([2, 300])
@@ -145,7 +145,7 @@ def test_nanospec_static_core_is_pinned_and_never_evicted(weight, frequency):
 
 
 def test_nanospec_evicts_ids_unseen_for_the_longest(weight):
-    policy = make_policy("nanospec", weight, VocabConfig(capacity=6), V)
+    policy = make_policy("nanospec", weight, VocabConfig(static_core=0, capacity=6), V)
     none, no_draft = torch.zeros(1, dtype=torch.bool), torch.tensor([], dtype=torch.long)
     policy.begin(torch.tensor([1, 2]), None, torch.tensor([0]))  # round 0: 1, 2 (0 pinned)
     policy.observe(torch.tensor([3]), None, torch.tensor([1]), none)  # round 1: 1 seen again, 3 new
@@ -157,7 +157,7 @@ def test_nanospec_evicts_ids_unseen_for_the_longest(weight):
 
 
 def test_fallback_scores_the_full_vocabulary_for_one_round_then_resets(weight):
-    cfg = VocabConfig(capacity=64, fallback_threshold=0.5, fallback_window=3)
+    cfg = VocabConfig(static_core=0, capacity=64, fallback_threshold=0.5, fallback_window=3)
     policy = make_policy("nanospec", weight, cfg, V)
     policy.begin(torch.tensor([1, 2, 3]), None, EOS)
     hidden = torch.randn(2, H)
@@ -183,7 +183,7 @@ def test_fallback_scores_the_full_vocabulary_for_one_round_then_resets(weight):
 
 
 def test_fallback_off_by_default_and_above_the_threshold(weight):
-    off, on = VocabConfig(), VocabConfig(fallback_threshold=0.5)
+    off, on = VocabConfig(static_core=0), VocabConfig(static_core=0, fallback_threshold=0.5)
     for cfg, hits in ((off, torch.tensor([False])), (on, torch.tensor([True]))):
         policy = make_policy("nanospec", weight, cfg, V)
         policy.begin(torch.tensor([1]), None, EOS)
@@ -195,7 +195,7 @@ def test_fallback_off_by_default_and_above_the_threshold(weight):
 def test_nanospec_with_an_eagle3_head_never_holds_undraftable_ids(weight):
     head_to_target = torch.arange(1, V, 3)  # target ids 1, 4, 7, ...
     head_weight = weight[: head_to_target.numel()]
-    policy = make_policy("nanospec", head_weight, VocabConfig(capacity=128), V, head_to_target=head_to_target)
+    policy = make_policy("nanospec", head_weight, VocabConfig(static_core=0, capacity=128), V, head_to_target=head_to_target)
     policy.begin(torch.arange(0, 30), torch.arange(30, 120).reshape(30, 3), torch.tensor([1, 2]))
     assert active(policy) == {t for t in range(120) if t % 3 == 1}
     assert policy.contains(torch.tensor([4, 5])).tolist() == [True, False]
