@@ -85,11 +85,14 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_microbench(args) -> int:
+    from .config import resolve_dtype
     from .vocab.subset_head import microbench
 
+    dtype = resolve_dtype(args.dtype)
+    print(f"dtype {str(dtype).removeprefix('torch.')}, {args.rows} hidden rows per call, H 896, V 151,936")
     print("| active rows | subset lm head (ms) | full lm head (ms) | ratio |")
     print("|---|---|---|---|")
-    for size, subset_ms, full_ms in microbench(m=args.rows):
+    for size, subset_ms, full_ms in microbench(m=args.rows, dtype=dtype):
         print(f"| {size} | {subset_ms:.3f} | {full_ms:.3f} | {subset_ms / full_ms:.3f} |")
     return 0
 
@@ -194,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     micro = sub.add_parser("microbench", help="subset lm head vs full lm head at active sizes 256..8192")
     micro.add_argument("--rows", type=int, default=10, help="hidden rows per call (draft nodes per level)")
+    micro.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     micro.set_defaults(func=cmd_microbench)
     return parser
 
