@@ -27,12 +27,12 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 
 @pytest.fixture(scope="module")
 def server(request, tmp_path_factory):
-    """The shared tiny-model app, or the model in NANOSPEC_APP_TEST_MODEL (its shipped head, bfloat16)."""
+    """The shared tiny-model app, or the model in NANOSPEC_APP_TEST_MODEL (its shipped head, dtype auto)."""
     model = os.environ.get("NANOSPEC_APP_TEST_MODEL")
     if not model:
         yield request.getfixturevalue("app_server")
         return
-    own = AppServer(model, tmp_path_factory.mktemp("app-browser") / "app.log", dtype="bfloat16",
+    own = AppServer(model, tmp_path_factory.mktemp("app-browser") / "app.log", dtype="auto",
                     head=os.environ.get("NANOSPEC_HEAD"))
     try:
         own.wait_ready(timeout_s=900)
