@@ -14,7 +14,7 @@ from typing import Iterator
 
 import torch
 
-from .config import DTYPES, GenerationConfig, TreeConfig, VocabConfig, resolve_dtype
+from .config import GenerationConfig, TreeConfig, VocabConfig, resolve_dtype
 from .decoding.engine import Request, speculative_decode
 from .decoding.plain import hf_generate, plain_decode
 from .errors import NanoSpecError
@@ -49,10 +49,11 @@ class RunResult:
 class Session:
     def __init__(self, model: str = "embedded", dtype: str = "auto", device: str = "cpu",
                  head: str | None = None, progress: bool = True):
-        if dtype != "auto" and dtype not in DTYPES:
-            raise NanoSpecError(f"unknown dtype {dtype!r}: choose auto or one of {', '.join(DTYPES)}")
+        try:
+            self.dtype = resolve_dtype(dtype, device)
+        except ValueError as error:
+            raise NanoSpecError(str(error)) from None
         self.model_name, self.head_source = model, head
-        self.dtype = resolve_dtype(dtype, device)
         self.loaded = load_model(model, dtype=self.dtype, device=device, progress=progress)
         self.tokenizer = self.loaded.tokenizer
         self.target = TargetModel(self.loaded.hf_model)

@@ -36,6 +36,12 @@ def tiny_hf_model(model_type: str = "qwen2", vocab: int = TINY_VOCAB, layers: in
     return model.to(dtype).eval().requires_grad_(False)
 
 
+def tree_example():
+    """Root r with children a, b; a has child c. Verify order [r, a, b, c]: mask = self and ancestors; depths."""
+    mask = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)
+    return mask, torch.tensor([0, 1, 1, 2])
+
+
 @pytest.fixture(params=["qwen2", "llama"])
 def tiny_model(request):
     return tiny_hf_model(request.param)

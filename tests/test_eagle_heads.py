@@ -13,7 +13,7 @@ from nanospec_core.errors import NanoSpecError
 from nanospec_core.models.eagle import Eagle2Head, Eagle3Head, default_aux_layers, load_head, random_head, save_head
 from nanospec_core.models.eagle_checkpoint import aux_layers_from
 from nanospec_core.models.target import TargetModel
-from tests.conftest import tiny_hf_model
+from tests.conftest import tiny_hf_model, tree_example
 
 VOCAB, H, HEADS, KV_HEADS, HEAD_DIM = 4096, 64, 4, 2, 16
 FFN = 96  # differs from the target's 128: the checkpoint's config must decide
@@ -279,10 +279,6 @@ def test_bad_checkpoints_raise_one_clear_error(tmp_path):
 
 
 # ---- KV-cache semantics, as for the target -------------------------------------------------------------------
-def tree_example():
-    """Root r with children a, b; a has child c. Order [r, a, b, c]; mask = ancestors and self."""
-    mask = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)
-    return mask, torch.tensor([0, 1, 1, 2])
 
 
 @pytest.mark.parametrize("kind", ["eagle2", "eagle3"])

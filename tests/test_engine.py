@@ -1,6 +1,4 @@
 """The decode loops: vanilla equals transformers greedy; speculative greedy equals vanilla for any tree/head/policy."""
-import itertools
-
 import pytest
 import torch
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from nanospec_core.models.target import TargetModel
-from tests.conftest import tiny_hf_model
+from tests.conftest import tiny_hf_model, tree_example
 
 
 def hf_logits(model, ids):
@@ -40,20 +40,6 @@ def test_incremental_decode_equals_full_forward(tiny_model):
         steps.append(target.logits(target.forward(token.view(1), cache).hidden))
         cache.commit()
     torch.testing.assert_close(torch.cat(steps), hf_logits(tiny_model, ids)[8:], atol=1e-4, rtol=1e-4)
-
-
-def tree_example():
-    """Root r with children a, b; a has child c. Verify order [r, a, b, c]; parents in verify space."""
-    parents = [-1, 0, 0, 1]
-    depth = [0, 1, 1, 2]
-    n = len(parents)
-    mask = torch.zeros(n, n, dtype=torch.bool)
-    for i in range(n):
-        j = i
-        while j >= 0:
-            mask[i, j] = True
-            j = parents[j]
-    return mask, torch.tensor(depth)
 
 
 def verify_tree_after_prefix(target):
