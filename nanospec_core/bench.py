@@ -22,11 +22,12 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import pandas as pd
 import torch
 
+from .bench_store import load_previous, write_rows
 from .compare import first_difference
 from .config import GenerationConfig, TreeConfig, VocabConfig
 from .errors import NanoSpecError
@@ -197,15 +198,13 @@ class BenchResult:
                 "draft_split": draft_split_figure(self.draft_table())}
 
     def save(self, out_dir: str | Path) -> list[Path]:
-        """Write per_prompt.jsonl/.csv, summary.md, speedup.html, draft_split.html (+ PNGs when kaleido works)."""
+        """Write per_prompt.jsonl/.csv, config.json, summary.md, speedup.html, draft_split.html (+ PNGs when
+        kaleido works)."""
         from .bench_report import write_figures
 
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        written = [out / "per_prompt.jsonl", out / "per_prompt.csv", out / "summary.md"]
-        with written[0].open("w", encoding="utf-8") as f:
-            for row in self.per_prompt.to_dict(orient="records"):
-                f.write(json.dumps({k: clean(v) for k, v in row.items()}) + "\n")
+        written = [write_rows(self.per_prompt.to_dict(orient="records"), self.config, out),
+                   out / "per_prompt.csv", out / "summary.md"]
         self.per_prompt.drop(columns=["token_ids"], errors="ignore").to_csv(written[1], index=False)
         header = "# NanoSpec benchmark\n\n" + "".join(f"- {k}: {v}\n" for k, v in self.config.items())
         written[2].write_text(header + "\n" + self.table_markdown(), encoding="utf-8")
@@ -214,15 +213,6 @@ class BenchResult:
 
 SUMMARY_COLUMNS = ["category", "method", "prompts", "tokens/s", "speedup", "tau", "draft share", "avg active vocab",
                    "coverage", "equal rate"]
-
-
-def clean(value):
-    """JSON-safe scalar: NaN / NA -> None, numpy scalars -> Python."""
-    if value is pd.NA:
-        return None
-    if hasattr(value, "item") and not isinstance(value, (list, dict)):
-        value = value.item()
-    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def markdown(table: pd.DataFrame) -> str:
@@ -273,22 +263,41 @@ def check_methods(methods) -> list[str]:
     return methods
 
 
+def run_config(session, questions, methods, gen: GenerationConfig, tree: TreeConfig, vocab: VocabConfig,
+               raw: bool) -> dict:
+    """Everything that must match for two runs' records to be one benchmark (checked by --resume)."""
+    return {"model": session.model_name, "head": getattr(session, "head_source", None),
+            "dtype": str(session.dtype).removeprefix("torch."), "methods": ", ".join(methods),
+            "max_new_tokens": gen.max_new_tokens, "temperature": gen.temperature, "seed": gen.seed,
+            "tree": vars(tree), "vocab": vars(vocab), "questions": len(questions), "raw": raw}
+
+
 def run_benchmark(session, questions: list[Question], methods: list[str], gen: GenerationConfig,
                   tree: TreeConfig | None = None, vocab: VocabConfig | None = None, warmup: bool = True,
-                  progress: bool | Callable[[float, str], None] = True, raw: bool = False) -> BenchResult:
-    """Run every method on every question (alternating per prompt); Ctrl-C returns the finished prompts."""
+                  progress: bool | Callable[[float, str], None] = True, raw: bool = False,
+                  previous: list[dict] | None = None,
+                  on_prompt: Callable[[list[dict]], None] | None = None) -> BenchResult:
+    """Run every method on every question (alternating per prompt); Ctrl-C returns the finished prompts.
+
+    previous: rows of an earlier run of the same benchmark (resume): questions that every method finished there
+    are skipped and their rows kept. on_prompt(rows) is called after each finished prompt (checkpointing).
+    """
     methods = check_methods(methods)
     if not questions:
         raise NanoSpecError("no questions to run")
     tree, vocab = tree or TreeConfig(), vocab or VocabConfig()
-    config = {"model": session.model_name, "dtype": str(session.dtype).removeprefix("torch."), "methods": ", ".join(methods),
-              "max_new_tokens": gen.max_new_tokens, "temperature": gen.temperature, "seed": gen.seed,
-              "tree": vars(tree), "vocab": vars(vocab), "questions": len(questions), "raw": raw}
-    rows, interrupted = [], False
-    total = len(questions) * len(methods) + (len(methods) if warmup else 0)
+    config = run_config(session, questions, methods, gen, tree, vocab, raw)
+    rows, interrupted = list(previous or []), False
+    finished = {}
+    for row in rows:
+        finished.setdefault((row["category"], row["question_id"]), set()).add(row["method"])
+    done = {key for key, seen in finished.items() if seen >= set(methods)}
+    rows = [row for row in rows if (row["category"], row["question_id"]) in done]  # drop half-finished prompts
+    questions = [q for q in questions if (q.category, q.question_id) not in done]
+    total = len(questions) * len(methods) + (len(methods) if warmup and questions else 0)
     advance, close = make_progress(progress, total)
     try:
-        if warmup:  # thrown away: first-call costs (lazy head/frequency loads, allocator, kernels)
+        if warmup and questions:  # thrown away: first-call costs (lazy head/frequency loads, allocator, kernels)
             short = GenerationConfig(max_new_tokens=min(WARMUP_TOKENS, gen.max_new_tokens),
                                      temperature=gen.temperature, seed=gen.seed)
             prompt_ids = session.encode(questions[0].prompt, raw)
@@ -305,6 +314,8 @@ def run_benchmark(session, questions: list[Question], methods: list[str], gen: G
                 reference = reference or result
                 advance(f"{question.category} #{question.question_id} {method}")
             rows += prompt_rows  # a prompt counts only once every method has run it (fair comparison)
+            if on_prompt:
+                on_prompt(rows)
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -333,6 +344,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--raw", action="store_true", help="feed the prompts as is, without the chat template")
     parser.add_argument("--out", default=None, help="output folder (default: bench_out/<timestamp>)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out: skip the prompts it finished (same settings required)")
 
 
 def split_list(text: str | None) -> list[str] | None:
@@ -349,9 +362,14 @@ def run(args) -> int:
     methods = check_methods(split_list(args.methods) or [])
     tree, vocab = decode_configs(args)
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
-    session = Session(args.model, dtype=args.dtype, device=args.device, head=args.head)
-    result = run_benchmark(session, questions, methods, gen, tree, vocab, progress=True, raw=args.raw)
+    if args.resume and not args.out:
+        raise NanoSpecError("--resume needs --out (the folder of the run to continue)")
     out = Path(args.out or Path("bench_out") / time.strftime("%Y%m%d-%H%M%S"))
+    session = Session(args.model, dtype=args.dtype, device=args.device, head=args.head)
+    config = run_config(session, questions, methods, gen, tree, vocab, args.raw)
+    previous = load_previous(out, config) if args.resume else None
+    result = run_benchmark(session, questions, methods, gen, tree, vocab, progress=True, raw=args.raw,
+                           previous=previous, on_prompt=lambda rows: write_rows(rows, config, out))
     print(result.table_markdown())
     written = result.save(out)
     print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)

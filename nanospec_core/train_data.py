@@ -11,7 +11,8 @@ Every sequence goes through the target's chat template (its default system promp
 that is 1 on assistant tokens: the head drafts answers, not prompts.
 
 Shard format (safetensors, `shard_00000.safetensors`, `shard_size` sequences each; written to a temp name and
-renamed, so a killed extraction resumes at the first missing shard):
+renamed, and listed with their conversation ids in `index.json`, so a killed or extended extraction skips what is
+already there):
   ids [N] int32, loss_mask [N] uint8, offsets [S + 1] int64 (sequence s is rows offsets[s]:offsets[s+1]),
   hidden [N, H] bf16 (target's last layer after the final norm), topk_ids [N, k] int32 and topk_probs [N, k] f16
   (the target's next-token distribution at every position, precomputed so training never needs the full lm head
@@ -25,7 +26,7 @@ import random
 import re
 import time
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -193,21 +194,25 @@ def self_distill(hf_model, tokenizer, conversations, out_path: Path, deadline: f
     return written
 
 
-def distilled_sequences(path: Path) -> list[tuple[list[int], list[int]]]:
+def distilled_sequences(path: Path) -> list[tuple[str, list[int], list[int]]]:
+    """(key, ids, loss_mask) per self-distilled answer; the loss mask covers the answer."""
     sequences = []
     if path.exists():
         for line in path.read_text().splitlines():
             row = json.loads(line)
-            sequences.append((row["prompt_ids"] + row["answer_ids"],
+            sequences.append((row["id"], row["prompt_ids"] + row["answer_ids"],
                               [0] * len(row["prompt_ids"]) + [1] * len(row["answer_ids"])))
     return sequences
 
 
 @torch.inference_mode()
-def extract_shards(target, sequences, work_dir: Path, shard_size: int = 64, topk: int = 8,
+def extract_shards(target, items, work_dir: Path, shard_size: int = 64, topk: int = 8,
                    deadline: float | None = None, log=print) -> list[Path]:
-    """Target features for `sequences` [(ids, loss_mask)] -> shards in work_dir; existing shards are kept.
+    """Target features for `items` [(key, ids, loss_mask)] -> shards in work_dir; returns every shard there.
 
+    Resumable by key: work_dir/index.json maps each shard to the keys (conversation ids) it holds, items already
+    in a shard are skipped and new shards are numbered after the last one. So a later call with more (or
+    reordered) items extracts only what is new, and the shards keep their order (stable held-out splits).
     target: a TargetModel. One full-sequence forward per sequence (fresh cache), then top-k of the target's
     next-token distribution from the final-normed hidden states, in chunks to bound the [chunk, V] logits.
     """
@@ -215,21 +220,18 @@ def extract_shards(target, sequences, work_dir: Path, shard_size: int = 64, topk
     from tqdm import tqdm
 
     work_dir.mkdir(parents=True, exist_ok=True)
-    n_shards = (len(sequences) + shard_size - 1) // shard_size
-    paths, tokens, start = [], 0, time.time()
-    bar = tqdm(total=len(sequences), desc="features", unit="seq")
-    for s in range(n_shards):
-        path = work_dir / f"shard_{s:05d}.safetensors"
-        chunk = sequences[s * shard_size:(s + 1) * shard_size]
-        if path.exists():
-            paths.append(path)
-            bar.update(len(chunk))
-            continue
+    index_path = work_dir / "index.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else {}
+    done = {key for keys in index.values() for key in keys}
+    todo = [item for item in items if item[0] not in done]
+    tokens, start, next_shard = 0, time.time(), len(index)
+    bar = tqdm(total=len(todo), desc="features", unit="seq")
+    for s in range(0, len(todo), shard_size):
         if deadline is not None and time.time() > deadline:
-            log(f"extraction deadline reached after {s} shards")
+            log(f"extraction deadline reached ({s} of {len(todo)} new sequences)")
             break
         ids_all, mask_all, hidden_all, top_ids, top_probs, offsets = [], [], [], [], [], [0]
-        for ids, mask in chunk:
+        for _, ids, mask in todo[s:s + shard_size]:
             ids_t = torch.tensor(ids, dtype=torch.long)
             out = target.forward(ids_t.to(target.device), target.new_cache(len(ids)))
             hidden = out.hidden  # [T, H]
@@ -249,13 +251,16 @@ def extract_shards(target, sequences, work_dir: Path, shard_size: int = 64, topk
         tensors = {"ids": torch.cat(ids_all), "loss_mask": torch.cat(mask_all), "hidden": torch.cat(hidden_all),
                    "topk_ids": torch.cat(top_ids), "topk_probs": torch.cat(top_probs),
                    "offsets": torch.tensor(offsets, dtype=torch.int64)}
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp))
-        tmp.rename(path)
-        paths.append(path)
-        log(f"shard {s}: {offsets[-1]} tokens; extraction {tokens / (time.time() - start):.0f} tok/s")
+        path = work_dir / f"shard_{next_shard:05d}.safetensors"
+        save_file(tensors, str(path.with_suffix(".tmp")))
+        path.with_suffix(".tmp").rename(path)
+        index[path.name] = [key for key, _, _ in todo[s:s + shard_size]]
+        index_path.with_suffix(".tmp").write_text(json.dumps(index))
+        index_path.with_suffix(".tmp").replace(index_path)
+        next_shard += 1
+        log(f"{path.name}: {offsets[-1]} tokens; extraction {tokens / (time.time() - start):.0f} tok/s")
     bar.close()
-    return paths
+    return [work_dir / name for name in index]
 
 
 def load_sequences(paths) -> list[dict]:

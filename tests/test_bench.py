@@ -233,3 +233,60 @@ def test_bench_cli_reports_a_bad_category_without_loading_a_model(tmp_path, caps
     questions = write_questions(tmp_path / "q.jsonl")
     assert main(["bench", "--model", "no-such-model", "--questions", str(questions), "--categories", "poetry"]) == 2
     assert "unknown category poetry" in capsys.readouterr().err
+
+
+# --- resume: a long run survives a kill -----------------------------------------------------------------------
+
+
+def test_resume_skips_finished_prompts_and_drops_half_finished_ones(tmp_path):
+    from nanospec_core.bench_store import write_rows
+
+    questions = load_questions(write_questions(tmp_path / "q.jsonl"), limit=1)
+    saved = []
+    first = run_benchmark(ScriptedSession(interrupt_at=2 + 2 * 2 + 1), questions, ["vanilla", "eagle"],
+                          GenerationConfig(max_new_tokens=10), progress=False,
+                          on_prompt=lambda rows: saved.append(len(rows)))
+    assert first.interrupted and saved == [2, 4]  # checkpointed after each finished prompt
+    rows = first.per_prompt.to_dict(orient="records")
+    half = {**rows[0], "question_id": questions[2].question_id, "category": questions[2].category}
+    write_rows(rows + [half], first.config, tmp_path / "run")  # the third prompt got through vanilla only
+
+    session = ScriptedSession()
+    from nanospec_core.bench_store import load_previous
+    previous = load_previous(tmp_path / "run", first.config)
+    result = run_benchmark(session, questions, ["vanilla", "eagle"], GenerationConfig(max_new_tokens=10),
+                           progress=False, previous=previous)
+    assert [m for m, _ in session.calls] == ["vanilla", "eagle"] * (1 + len(questions) - 2)  # warm-up + the rest
+    assert list(result.per_prompt.question_id[:4]) == [0, 0, 100, 100]
+    assert len(result.per_prompt) == 2 * len(questions)
+    assert list(result.per_prompt.wall_s[:4]) == [r["wall_s"] for r in rows]  # kept, not re-measured
+
+
+def test_resume_refuses_a_run_with_other_settings(tmp_path):
+    from nanospec_core.bench_store import load_previous, write_rows
+
+    write_rows([{"question_id": 1, "category": "qa", "method": "eagle"}], {"max_new_tokens": 128, "tree": {"depth": 3}},
+               tmp_path)
+    with pytest.raises(NanoSpecError, match=r"settings differ \(max_new_tokens, tree\)"):
+        load_previous(tmp_path, {"max_new_tokens": 64, "tree": {"depth": 5}})
+    assert load_previous(tmp_path, {"max_new_tokens": 128, "tree": {"depth": 3}})[0]["method"] == "eagle"
+    assert load_previous(tmp_path / "empty", {}) == []
+
+
+def test_bench_cli_resume_runs_only_the_missing_prompts(tiny_model_dir, tmp_path, capsys):
+    from nanospec_core.__main__ import main
+
+    questions = write_questions(tmp_path / "q.jsonl", categories=("coding", "writing"))
+    out = tmp_path / "out"
+    args = ["bench", "--model", tiny_model_dir, "--head", "random", "--dtype", "float32", "--questions",
+            str(questions), "--limit", "1", "--methods", "vanilla,eagle", "--max-new-tokens", "8", "--out", str(out)]
+    assert main(args) == 0
+    rows = (out / "per_prompt.jsonl").read_text().splitlines()
+    (out / "per_prompt.jsonl").write_text("\n".join(rows[:2]) + "\n")  # as if killed during the second prompt
+    assert main(args + ["--resume"]) == 0
+    resumed = (out / "per_prompt.jsonl").read_text().splitlines()
+    assert resumed[:2] == rows[:2] and len(resumed) == 4
+    assert main(args[:-4] + ["--max-new-tokens", "9", "--out", str(out), "--resume"]) == 2
+    assert "settings differ (max_new_tokens)" in capsys.readouterr().err
+    assert main(args[:-2] + ["--resume"]) == 2
+    assert "--resume needs --out" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 import torch
@@ -9,7 +10,8 @@ import torch
 from nanospec_core import train_data
 from nanospec_core.models.eagle import load_head, random_head
 from nanospec_core.models.target import TargetModel
-from nanospec_core.train_head import evaluate, export, load_checkpoint, train
+from nanospec_core.train_head import export, load_checkpoint, train
+from nanospec_core.train_loss import evaluate, level_mask, unrolled
 
 from .conftest import tiny_hf_model
 
@@ -24,9 +26,9 @@ def sequences(target, tmp_path_factory):
     """Six raw id sequences (answer mask on the second half) -> shards of 4 -> sequence dicts."""
     gen = torch.Generator().manual_seed(0)
     raw = []
-    for n in (40, 48, 56, 40, 64, 48):
+    for i, n in enumerate((40, 48, 56, 40, 64, 48)):
         ids = torch.randint(3, target.vocab_size, (n,), generator=gen).tolist()
-        raw.append((ids, [0] * (n // 2) + [1] * (n - n // 2)))
+        raw.append((f"conv{i}", ids, [0] * (n // 2) + [1] * (n - n // 2)))
     folder = tmp_path_factory.mktemp("shards")
     paths = train_data.extract_shards(target, raw, folder, shard_size=4, topk=8, log=lambda *_: None)
     assert [p.name for p in paths] == ["shard_00000.safetensors", "shard_00001.safetensors"]
@@ -34,6 +36,20 @@ def sequences(target, tmp_path_factory):
     again = train_data.extract_shards(target, raw, folder, shard_size=4, topk=8, deadline=0.0, log=lambda *_: None)
     assert again == paths
     return train_data.load_sequences(paths)
+
+
+def test_extraction_extends_by_key(target, tmp_path):
+    """More (and reordered) items later: only the new keys are extracted, into a shard after the old ones."""
+    gen = torch.Generator().manual_seed(1)
+    raw = [(f"c{i}", torch.randint(3, target.vocab_size, (20,), generator=gen).tolist(), [1] * 20) for i in range(5)]
+    first = train_data.extract_shards(target, raw[:3], tmp_path, shard_size=2, log=lambda *_: None)
+    assert len(first) == 2
+    paths = train_data.extract_shards(target, raw[::-1], tmp_path, shard_size=2, log=lambda *_: None)
+    assert paths[:2] == first and len(paths) == 3
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert index[paths[2].name] == ["c4", "c3"]
+    loaded = train_data.load_sequences(paths)
+    assert [s["ids"].tolist() for s in loaded] == [raw[i][1] for i in (0, 1, 2, 4, 3)]
 
 
 def test_shards_hold_target_features_and_top_ids(target, sequences):
@@ -49,13 +65,39 @@ def losses(work):
     return [float(row["loss"]) for row in csv.DictReader((work / "loss.csv").open())]
 
 
-def test_a_few_steps_make_the_loss_fall(target, sequences, tmp_path):
+@pytest.mark.parametrize("levels", [1, 2])
+def test_a_few_steps_make_the_loss_fall(target, sequences, tmp_path, levels):
     head = random_head(target, seed=0).float()
     train(head, sequences, target.lm_head_weight, tmp_path, steps=30, tokens_per_step=64, lr=3e-3, warmup=3,
-          negatives=64, checkpoint_every=100)
+          negatives=64, checkpoint_every=100, levels=levels)
     curve = losses(tmp_path)
     assert len(curve) == 30
     assert sum(curve[-5:]) / 5 < 0.7 * sum(curve[:3]) / 3
+
+
+def test_unrolled_levels_equal_drafting_one_chain_at_a_time(target, sequences):
+    """Level r of `unrolled` (one batched pass per level, level_mask) == the head drafting a chain token by token
+    from a true-feature prefix, as the engine does; so training sees exactly the inference visibility."""
+    head = random_head(target, seed=3).float()
+    seq = sequences[2]
+    ids, features = seq["ids"], seq["hidden"][:-1].float()
+    with torch.no_grad():
+        preds = unrolled(head, ids, features, levels=3)
+        assert [p.shape[0] for p in preds] == [ids.shape[0] - r for r in (1, 2, 3)]
+        for j in (0, 7, 20, ids.shape[0] - 4):
+            cache = head.new_cache(128)
+            chain = [head.forward(ids[1:j + 2], features[:j + 1], cache)[-1:]]  # verified prefix: index 0..j
+            for level in (2, 3):
+                chain.append(head.forward(ids[j + level:j + level + 1], chain[-1], cache))
+            for level, step in enumerate(chain):
+                assert torch.allclose(preds[level][j], step[0], atol=1e-5), (j, level)
+
+
+def test_level_mask_is_causal_prefix_plus_own_chain():
+    mask = level_mask(5, 3)  # level 1 wrote 4 entries, level 2 wrote 3, level 3 has 2 rows
+    assert mask.shape == (2, 4 + 3 + 2)
+    assert mask[0].tolist() == [1, 0, 0, 0] + [1, 0, 0] + [1, 0]
+    assert mask[1].tolist() == [1, 1, 0, 0] + [0, 1, 0] + [0, 1]
 
 
 def test_resume_continues_from_the_checkpointed_step(target, sequences, tmp_path):
@@ -84,3 +126,5 @@ def test_exported_head_loads_and_drafts_finite_hidden_states(target, sequences, 
     assert hidden.shape == (47, 64) and torch.isfinite(hidden).all()
     metrics = evaluate(loaded, sequences, target.lm_head_weight)
     assert 0.0 <= metrics["top1"] <= 1.0 and metrics["positions"] > 0
+    assert 0.0 <= metrics["top1_level3_given_prev"] <= 1.0
+    assert metrics["expected_chain"] <= 3 * metrics["top1"] + 1e-9

@@ -1,0 +1,148 @@
+"""The EAGLE training objective and its held-out measure, on target features from train_data's shards.
+
+Loss (EAGLE, Li et al. 2024; SafeAILab/EAGLE eagle/train/main.py): for position t the head reads (token x_{t+1},
+target feature f_t) and predicts f_{t+1};
+    loss = SmoothL1(f_hat_{t+1}, f_{t+1}) + 0.1 * CE(target's next-token distribution, softmax(lm_head(f_hat_{t+1}))).
+Two deliberate changes for a CPU budget (measurements in train_head's docstring):
+  * the CE is a sampled softmax: candidate rows are the target's top-k ids over the sequence plus random negatives;
+  * optional unrolled draft levels (EAGLE-3's "training-time test" on the EAGLE-2 architecture): level r reads the
+    head's own level r-1 predictions with exactly the visibility it has when drafting (`level_mask`), because a
+    head trained only on true features loses most of its accuracy from the second draft level on.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class GrowingCache:
+    """KVCache stand-in for training: entries are appended by concatenation, never written in place.
+
+    Unrolled draft levels attend to keys an earlier level saved for backward; writing them into one preallocated
+    buffer (as KVCache does) would bump its version counter and make autograd refuse the backward pass.
+    """
+
+    def __init__(self, num_layers: int):
+        self.keys, self.values = [None] * num_layers, [None] * num_layers
+        self.length, self.pending, self.max_len = 0, 0, 1 << 30
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
+        if self.keys[layer] is None:
+            self.keys[layer], self.values[layer] = k, v
+        else:
+            self.keys[layer] = torch.cat([self.keys[layer][:, :start], k], dim=1)
+            self.values[layer] = torch.cat([self.values[layer][:, :start], v], dim=1)
+        return self.keys[layer], self.values[layer]
+
+
+def level_mask(seq_len: int, level: int, device=None) -> torch.Tensor:
+    """tree_mask for unrolled draft level `level` (>= 2) of a sequence whose level 1 saw the true features.
+
+    Level 1 wrote seq_len - 1 entries (index j read (x_{j+1}, f_j)); level r wrote seq_len - r entries whose row j
+    continues the chain that started at level-1 index j. At inference a chain drafted from index j sees the
+    verified entries 0..j (true features) and its own earlier levels, nothing else: that is this mask.
+    Returns bool [n, pending + n] with n = seq_len - level, pending = sum over earlier levels.
+    """
+    n = seq_len - level
+    rows = torch.arange(n, device=device)[:, None]
+    blocks = [torch.arange(seq_len - 1, device=device)[None, :] <= rows]  # level 1: causal prefix 0..j
+    blocks += [torch.eye(n, seq_len - r, dtype=torch.bool, device=device) for r in range(2, level + 1)]  # chain
+    return torch.cat(blocks, dim=1)
+
+
+def unrolled(head, ids: torch.Tensor, features: torch.Tensor, levels: int) -> list[torch.Tensor]:
+    """Predicted features per draft level, as the head drafts them: level 1 reads the target's features
+    f_0..f_{T-2} and predicts f_1..f_{T-1}; level r reads its own level r-1 predictions (row j of level r
+    predicts f_{j+r}, tokens teacher-forced). Returns [pred_1 [T-1, H], pred_2 [T-2, H], ...]."""
+    T = ids.shape[0]
+    cache = GrowingCache(len(getattr(head, "layers", [None])))
+    preds = [head.forward(ids[1:], features, cache)]
+    for level in range(2, levels + 1):
+        if T - level < 1:
+            break
+        positions = torch.arange(level - 1, T - 1, device=ids.device)  # row j sits at index j + level - 1
+        preds.append(head.forward(ids[level:], preds[-1][:-1], cache, positions=positions,
+                                  tree_mask=level_mask(T, level, ids.device)))
+    return preds
+
+
+def sequence_loss(head, seq: dict, lm_head_weight: torch.Tensor, negatives: int, noise: float,
+                  generator: torch.Generator | None = None, cls_weight: float = 0.1, levels: int = 1,
+                  level_decay: float = 0.8):
+    """EAGLE loss on one sequence dict (ids, hidden, loss_mask, topk_ids, topk_probs, see train_data).
+
+    levels > 1 adds unrolled draft levels (EAGLE-3's "training-time test", on the EAGLE-2 architecture): level r
+    reads the head's own level r-1 predictions and is weighted level_decay ** (r - 1). Drafting several levels is
+    where a head trained only on true features breaks down. Returns (loss, stats) with each level averaged over
+    its masked positions; stats: n, vloss, ploss, correct (level-1 sampled top-1 agreement with the target).
+    """
+    ids, hidden, T = seq["ids"], seq["hidden"], seq["ids"].shape[0]
+    n = int(seq["loss_mask"][1:].sum())
+    if T < 2 or n == 0:
+        return None, None
+    dtype = next(p for p in head.parameters() if p.requires_grad).dtype
+    features = hidden[:-1].to(dtype)  # f_t [T-1, H]
+    if noise > 0:
+        u = torch.rand(features.shape, generator=generator, dtype=features.dtype)
+        features = features + (u - 0.5) * noise * 512 / features.shape[-1]
+    preds = unrolled(head, ids, features, levels)
+
+    # Sampled softmax: the candidate rows are every target top-k id of the sequence plus random negatives.
+    rand_ids = torch.randint(0, lm_head_weight.shape[0], (negatives,), generator=generator)
+    candidates, inverse = torch.unique(torch.cat([seq["topk_ids"].reshape(-1), rand_ids]), return_inverse=True)
+    cols = inverse[: seq["topk_ids"].numel()].view_as(seq["topk_ids"])  # [T, k] column of each top-k id
+    rows = lm_head_weight[candidates].to(dtype)  # [C, H]
+    probs = seq["topk_probs"] / seq["topk_probs"].sum(-1, keepdim=True)
+
+    loss, total_weight, stats = 0.0, 0.0, {"n": n, "vloss": 0.0, "ploss": 0.0, "correct": 0}
+    for level, pred in enumerate(preds, start=1):  # pred row j predicts f_{j+level}
+        mask = seq["loss_mask"][level:]
+        if not mask.any():
+            continue
+        vloss = F.smooth_l1_loss(pred[mask], hidden[level:][mask].to(pred.dtype), reduction="none").mean(-1).mean()
+        logits = head.lm_input(pred[mask]) @ rows.T  # [m, C]
+        top_cols = cols[level:][mask]
+        ploss = -(probs[level:][mask] * logits.float().log_softmax(-1).gather(1, top_cols)).sum(-1).mean()
+        weight = level_decay ** (level - 1)
+        loss = loss + weight * (vloss + cls_weight * ploss)
+        total_weight += weight
+        if level == 1:
+            stats.update(vloss=float(vloss.detach()), ploss=float(ploss.detach()),
+                         correct=int((logits.argmax(-1) == top_cols[:, 0]).sum()))
+    return loss / total_weight, stats
+
+
+@torch.no_grad()
+def evaluate(head, sequences, lm_head_weight: torch.Tensor, max_positions: int = 4000, levels: int = 3) -> dict:
+    """Full-vocab top-1 agreement with the target per draft level: level 1 from true features; level r from the
+    head's own predictions with the inference visibility (`unrolled`), scored where levels 1..r-1 were right (a
+    draft chain stops at its first miss, and where the text's next token is the target's greedy one, which the
+    chain would have drafted). Also the expected chain length sum_r P(levels 1..r right)."""
+    was_training = head.training
+    head.eval()
+    hits, totals = [0] * levels, [0] * levels
+    for seq in sequences:
+        if totals[0] >= max_positions:
+            break
+        ids, hidden, mask, T = seq["ids"], seq["hidden"], seq["loss_mask"], seq["ids"].shape[0]
+        if T <= levels:
+            continue
+        dtype = next(head.parameters()).dtype
+        top1 = seq["topk_ids"][:, 0]
+        alive = mask[1:].clone()  # chains still right, indexed by their level-1 row j
+        for level, pred in enumerate(unrolled(head, ids, hidden[:-1].to(dtype), levels), start=1):
+            guess = (head.lm_input(pred).to(lm_head_weight.dtype) @ lm_head_weight.T).argmax(-1)
+            alive = alive[: pred.shape[0]]
+            if level > 1:  # the chain goes on with the target's greedy token: only where the text took it too
+                alive = alive & (ids[level:] == top1[level - 1:T - 1])
+            totals[level - 1] += int(alive.sum())
+            alive = alive & (guess == top1[level:])
+            hits[level - 1] += int(alive.sum())
+    head.train(was_training)
+    rates = [h / max(t, 1) for h, t in zip(hits, totals)]
+    chain, reach = 0.0, 1.0
+    for rate in rates:
+        reach *= rate
+        chain += reach
+    return {"top1": rates[0], **{f"top1_level{r}_given_prev": rates[r - 1] for r in range(2, levels + 1)},
+            "expected_chain": chain, "positions": totals[0]}
