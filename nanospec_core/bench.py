@@ -46,7 +46,11 @@ class Question:
 
 
 def load_questions(path: str | Path, categories: list[str] | None = None, limit: int | None = None) -> list[Question]:
-    """First turn of each Spec-Bench question, in file order; `limit` questions per category at most."""
+    """First turn of each Spec-Bench question; `limit` questions per category at most (the first in the file).
+
+    Returned round-robin over categories (the first question of each category, then the second, ...), so a
+    partial or interrupted run still covers every category.
+    """
     path = Path(path)
     if not path.is_file():
         raise NanoSpecError(f"questions file not found: {path}")
@@ -76,15 +80,13 @@ def load_questions(path: str | Path, categories: list[str] | None = None, limit:
             raise NanoSpecError(f"unknown categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}: "
                                 f"choose from {', '.join(known)}")
         questions = [q for q in questions if q.category in categories]
+    by_category: dict[str, list[Question]] = {}
+    for q in questions:
+        by_category.setdefault(q.category, []).append(q)
+    rounds = max(len(group) for group in by_category.values())
     if limit is not None:
-        taken: dict[str, int] = {}
-        kept = []
-        for q in questions:
-            if taken.get(q.category, 0) < limit:
-                taken[q.category] = taken.get(q.category, 0) + 1
-                kept.append(q)
-        questions = kept
-    return questions
+        rounds = min(rounds, limit)
+    return [group[i] for i in range(rounds) for group in by_category.values() if i < len(group)]
 
 
 def top2_margin(target, prompt_ids: torch.Tensor, prefix: list[int]) -> tuple[float, int, int]:

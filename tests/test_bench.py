@@ -39,8 +39,8 @@ def write_questions(path, per_category=2, categories=("coding", "writing", "math
 def test_load_questions_takes_first_turn_and_limits_per_category(tmp_path):
     path = write_questions(tmp_path / "q.jsonl")
     questions = load_questions(path, categories=["writing", "coding"], limit=2)
-    assert [(q.category, q.question_id) for q in questions] == [("coding", 0), ("coding", 1), ("writing", 100),
-                                                                ("writing", 101)]
+    assert [(q.category, q.question_id) for q in questions] == [("coding", 0), ("writing", 100), ("coding", 1),
+                                                                ("writing", 101)]  # round-robin
     assert questions[0].prompt.startswith("Question 0 about coding")
     assert len(load_questions(path)) == 9
 
@@ -75,7 +75,7 @@ def test_spec_bench_file_loads_when_present():
     if not DEFAULT_QUESTIONS.is_file():
         pytest.skip("shared Spec-Bench data not present")
     questions = load_questions(DEFAULT_QUESTIONS, categories=["translation", "coding"], limit=3)
-    assert [q.category for q in questions] == ["coding"] * 3 + ["translation"] * 3
+    assert [q.category for q in questions] == ["coding", "translation"] * 3
 
 
 # --- divergence position and margin --------------------------------------------------------------------------
