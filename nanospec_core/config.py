@@ -48,8 +48,8 @@ class TreeConfig:
 
     EAGLE's GPU defaults (60 nodes, depth 6, top-k 10) assume verification is nearly free. On this 2-core AVX2 CPU
     (float32) a target forward over 8 tokens costs 1.7x one token and 64 tokens 3.8x, and the shipped CPU-trained
-    head accepts ~1.7 tokens per round, so the smallest trees measured fastest end to end: (3, 4, 7) beat (5, 8, 15),
-    (5, 8, 24) and (6, 8, 31) by 10-40% tokens/s (docs/results.md). Deeper presets pay off with a stronger head.
+    head commits ~2 tokens per round, so small trees measured fastest end to end: (3, 4, 7) beat (5, 8, 15) and
+    (5, 8, 24) by 19% and 53% tokens/s with NanoSpec (docs/results.md). Deeper presets pay off with a stronger head.
     """
 
     depth: int = 3  # draft levels per round; bounds the tokens one round can commit at depth + 1

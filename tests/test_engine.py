@@ -167,3 +167,25 @@ def test_step_stats_are_consistent(tiny):
     summary = summarize(steps, wall_s=1.0)
     assert summary.new_tokens == 40
     assert summary.mean_accepted == pytest.approx(sum(s.accepted for s in steps[1:]) / (len(steps) - 1))
+
+
+@pytest.mark.parametrize("kind", ["eagle2", "eagle3"])
+def test_drafting_builds_no_autograd_graph_and_keeps_no_tensors(tiny, kind):
+    """The head's weights require grad (they are trainable); decoding must not record a graph. A graph made every
+    draft slower and, held across requests, grew a long benchmark to 24 GB (OOM) before this was fixed."""
+    import gc
+
+    _, target = tiny
+    head = random_head(target, kind, seed=5)
+    assert any(p.requires_grad for p in head.parameters())
+
+    def graph_tensors():
+        gc.collect()
+        return [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.grad_fn is not None]
+
+    before = len(graph_tensors())
+    for seed in range(2):
+        steps = speculative(target, head, prompt_ids(seed), TreeConfig(depth=3, top_k=4, total_tokens=8), max_new=12)
+        assert tokens_of(steps)
+    del steps
+    assert len(graph_tensors()) == before

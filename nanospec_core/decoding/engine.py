@@ -72,6 +72,7 @@ def clip_tokens(tokens: list[int], produced: int, request: Request) -> tuple[lis
     return clipped, produced + len(clipped) >= request.gen.max_new_tokens
 
 
+@torch.inference_mode()  # wraps every step of the generator: no autograd graph (the head's weights require grad)
 def speculative_decode(target: TargetModel, head, policy, request: Request, tree_cfg: TreeConfig,
                        special_ids: torch.Tensor | None = None) -> Iterator[StepStats]:
     """Yield round 0 (prefill + first token), then one StepStats per draft/verify round until EOS or the limit."""
