@@ -171,8 +171,8 @@ def test_step_stats_are_consistent(tiny):
 
 @pytest.mark.parametrize("kind", ["eagle2", "eagle3"])
 def test_drafting_builds_no_autograd_graph_and_keeps_no_tensors(tiny, kind):
-    """The head's weights require grad (they are trainable); decoding must not record a graph. A graph made every
-    draft slower and, held across requests, grew a long benchmark to 24 GB (OOM) before this was fixed."""
+    """The head's weights require grad (they are trainable); decoding must not record a graph. Held across
+    requests, such a graph grew a long benchmark to 24 GB (OOM) before this was fixed."""
     import gc
 
     _, target = tiny
