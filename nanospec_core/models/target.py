@@ -156,6 +156,9 @@ class TargetModel:
         self.num_kv_heads = attn.k_proj.out_features // attn.head_dim
         self.dtype = self.lm_head_weight.dtype
         self.device = self.lm_head_weight.device
+        # CPU: logits as hidden @ W_t with W_t [H, V] contiguous, the fast layout for a few rows (cpu_layout.py):
+        # 8 rows 45 -> 31 ms on the embedded model. A copy, because the tied embedding wants W row-major.
+        self._lm_head_t = self.lm_head_weight.t().contiguous() if self.device.type == "cpu" else None
 
     def new_cache(self, max_len: int) -> KVCache:
         return KVCache(self.num_layers, self.num_kv_heads, self.head_dim, max_len, self.dtype, self.device)
@@ -202,6 +205,8 @@ class TargetModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, H] -> [n, V] in float32 (argmax and softmax are then exact regardless of the model dtype)."""
+        if self._lm_head_t is not None:
+            return (hidden @ self._lm_head_t).float()
         return F.linear(hidden, self.lm_head_weight).float()
 
     def topk_ids(self, hidden: torch.Tensor, k: int, chunk: int = 256) -> torch.Tensor:
