@@ -110,6 +110,15 @@ def test_a_batch_larger_than_the_capacity_keeps_its_last_ids(weight):
     head.check_invariants()
 
 
+def test_an_overflowing_batch_ranks_a_repeated_id_by_its_last_occurrence(weight):
+    # Found by hypothesis: id 0 drafted first and committed last must survive like the other committed ids.
+    head = SubsetLMHead(weight, capacity=3)
+    head.add(torch.tensor([0, 11, 12, 13, 14, 0]), tags=torch.tensor([5, 1, 1, 1, 1, 2]))
+    assert sorted(active_ids(head).tolist()) == [0, 13, 14]
+    assert head.tag_of(torch.tensor([0]))[0].tolist() == [5]  # the first occurrence's tag
+    head.check_invariants()
+
+
 def test_evicted_slots_score_minus_inf_and_are_reused_first(weight):
     head = SubsetLMHead(weight, capacity=8)
     head.add(torch.arange(6))

@@ -137,8 +137,8 @@ class SubsetLMHead:
 
         tags: a label per id (int8 codes, same shape as ids) or one for all, recorded for the new ids only.
 
-        If more new ids arrive than can ever fit, the LAST ones in `ids` are kept (callers put the most
-        important, e.g. committed tokens, last).
+        If more new ids arrive than can ever fit, those occurring LAST in `ids` are kept (callers put the most
+        important, e.g. committed tokens, last); a kept id's tag is the one of its first occurrence.
         """
         ids = self._sanitize(ids)
         if ids.numel() == 0:
@@ -170,6 +170,12 @@ class SubsetLMHead:
         new_pos = torch.argsort((~is_new).to(torch.int32), stable=True)[:num_new]
         limit = self.capacity - self.num_pinned - num_present
         if num_new > limit:  # never for pinned adds (checked above)
+            # Keep the ids whose LAST occurrence in the batch comes latest: an id drafted early in the batch and
+            # committed at its end ranks as committed. Per sorted run of equal ids, the largest original index:
+            run = torch.cumsum(first_sorted.to(torch.long), 0) - 1
+            last_at = torch.zeros_like(order).scatter_reduce_(0, run, order, "amax")
+            key = torch.empty_like(order).scatter_(0, order, last_at[run])  # per position: its id's last index
+            new_pos = new_pos[torch.argsort(key[new_pos], stable=True)]
             new_pos, num_new = new_pos[num_new - limit:], limit
             if num_new == 0:
                 return 0
