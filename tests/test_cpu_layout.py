@@ -1,0 +1,30 @@
+"""Column-major weight storage for CPU few-row products: same values, same results, one cached copy."""
+import torch
+from torch import nn
+
+from nanospec_core.models.cpu_layout import column_major_linears, column_major_view
+
+
+def test_column_major_linears_keep_values_and_outputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 16, bias=False))
+    x = torch.randn(8, 32)
+    before = model(x)
+    weights = [m.weight.detach().clone() for m in model if isinstance(m, nn.Linear)]
+    assert column_major_linears(model) == 2
+    for module, weight in zip([m for m in model if isinstance(m, nn.Linear)], weights):
+        assert module.weight.shape == weight.shape and module.weight.stride() == (1, weight.shape[0])
+        assert torch.equal(module.weight, weight)
+    torch.testing.assert_close(model(x), before)
+    assert column_major_linears(model) == 0  # already converted: nothing to do
+
+
+def test_column_major_view_is_one_cached_copy_with_the_same_values():
+    weight = torch.randn(100, 24)
+    view = column_major_view(weight)
+    assert view.shape == weight.shape and view.stride() == (1, 100) and torch.equal(view, weight)
+    assert column_major_view(weight) is view  # the target and plain EAGLE's head share it
+    assert view.data_ptr() != weight.data_ptr()  # the original keeps its row-major rows (embedding lookups)
+    h = torch.randn(8, 24)
+    torch.testing.assert_close(nn.functional.linear(h, view), h @ weight.T)
+    assert column_major_view(view) is view  # not contiguous: returned as is
