@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from nanospec_core.models.cpu_layout import column_major_linears, column_major_view
+from nanospec_core.models.cpu_layout import column_major_linears, column_major_lm_head, column_major_view
 
 
 def test_column_major_linears_keep_values_and_outputs():
@@ -28,3 +28,21 @@ def test_column_major_view_is_one_cached_copy_with_the_same_values():
     h = torch.randn(8, 24)
     torch.testing.assert_close(nn.functional.linear(h, view), h @ weight.T)
     assert column_major_view(view) is view  # not contiguous: returned as is
+
+
+def test_hf_lm_head_uses_the_shared_copy_and_keeps_its_tied_weight():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = Qwen2ForCausalLM(config).eval()
+    ids = torch.tensor([[1, 5, 9, 2]])
+    before = model(ids).logits
+    assert column_major_lm_head(model)
+    weight = model.lm_head.weight
+    assert weight is model.model.embed_tokens.weight and weight.is_contiguous()  # still tied, rows intact
+    torch.testing.assert_close(model(ids).logits, before)
+    hidden = torch.randn(3, 32)
+    with torch.no_grad():
+        column_major_view(weight).mul_(2)  # only the copy changes: the head's output must follow it
+        torch.testing.assert_close(model.lm_head(hidden), 2 * hidden @ weight.T)

@@ -18,6 +18,7 @@ float32 for the embedded model). For 8 rows of the embedded lm head: 45 ms row-m
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakTensorKeyDictionary
 
@@ -48,3 +49,14 @@ def column_major_linears(module: nn.Module) -> int:
                 sub.weight = nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=weight.requires_grad)
                 converted += 1
     return converted
+
+
+def column_major_lm_head(hf_model) -> bool:
+    """Make HF's own lm head (what transformers `generate` and prompt lookup call) multiply with the shared
+    column-major copy, so those baselines get the same layout as our target; its weight, tied to the embedding,
+    stays as it is. Returns whether there was a Linear lm head to patch."""
+    head = hf_model.get_output_embeddings()
+    if not isinstance(head, nn.Linear) or head.weight.device.type != "cpu":
+        return False
+    head.forward = lambda x, _head=head: F.linear(x, column_major_view(_head.weight), _head.bias)
+    return True

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from nanospec_core.config import DTYPES
-from nanospec_core.models.cpu_layout import column_major_linears
+from nanospec_core.models.cpu_layout import column_major_linears, column_major_lm_head
 from nanospec_core.errors import NanoSpecError
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral"})  # what our compact forward implements
@@ -353,6 +353,7 @@ def load_model(
     hf_model.requires_grad_(False)
     if torch.device(device).type == "cpu":  # faster few-row products (tree verify); see cpu_layout.py
         column_major_linears(hf_model.base_model)
+        column_major_lm_head(hf_model)
     return LoadedModel(
         name=name, path=folder, hf_model=hf_model, tokenizer=tokenizer, dtype=torch_dtype, key=model_key(name)
     )
