@@ -20,10 +20,13 @@ def speedup_figure(summary: pd.DataFrame, baseline: str):
     for method in dict.fromkeys(summary.method):
         part = summary[summary.method == method]
         fig.add_bar(name=method, x=list(part.category), y=list(part.speedup),
-                    text=[f"{v:.2f}x" for v in part.speedup], textposition="outside",
+                    text=[f"{v:.2f}x" for v in part.speedup], textposition="outside", textangle=-90,
                     customdata=list(part["tokens/s"]), hovertemplate="%{x}: %{y:.3f}x (%{customdata:.2f} tok/s)")
     fig.add_hline(y=1.0, line_dash="dot", line_color="gray")
+    top = max([1.0, *summary.speedup.dropna()])
+    fig.update_yaxes(range=[0, 1.18 * top])  # head room for the rotated labels
     fig.update_layout(barmode="group", title=f"Speedup over {baseline} (tokens/s ratio)", yaxis_title="speedup",
+                      uniformtext_minsize=9, uniformtext_mode="show",  # readable labels on narrow bars
                       xaxis_title="category", legend_title="method", template="plotly_white")
     return fig
 
@@ -63,7 +66,7 @@ def write_figures(figures: dict, out: Path) -> list[Path]:
         for name, fig in figures.items():
             path = out / f"{name}.png"
             try:
-                fig.write_image(path, width=900, height=500)
+                fig.write_image(path, width=1200, height=550)
             except Exception as error:  # no browser for kaleido, sandbox refusal, ...: keep the HTML
                 log.warning("PNG export skipped (%s)", str(error).splitlines()[0] if str(error) else error)
                 break

@@ -13,18 +13,20 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch
 
 
 def native_bf16_cpu() -> bool:
-    """Does this CPU multiply bf16 natively (AMX / AVX512-BF16)? Without, a bf16 GEMM is ~3x slower than fp32."""
+    """Does this CPU have bf16 matrix units (AMX)? Measured on the embedded 0.5B model: on AVX2 a bf16 forward ran
+    ~3x slower than float32; with AVX512-BF16 but no AMX, every method of the Spec-Bench run was 0.84-0.98x its
+    float32 speed (docs/results.md). Only AMX is counted as native."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "").split()
     except OSError:
         return True  # unknown platform: trust bf16
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    return "amx_bf16" in flags
 
 
 def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:
-    """'auto' -> the fastest dtype measured for the device: bf16 on CUDA and on CPUs with native bf16 (AMX), float32
-    on AVX2-only CPUs, where bf16 matrix products are emulated (a 0.5B target forward ran ~3x slower in bf16)."""
+    """'auto' -> the fastest dtype measured for the device: bf16 on CUDA and on CPUs with AMX, float32 on other CPUs
+    (see native_bf16_cpu), where float32 also makes greedy speculative output equal to plain greedy decoding."""
     if name == "auto":
         if torch.device(device).type == "cuda" or native_bf16_cpu():
             return torch.bfloat16
