@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from nanospec_core.config import DTYPES
-from nanospec_core.models.cpu_layout import column_major_linears, column_major_lm_head
 from nanospec_core.errors import NanoSpecError
+from nanospec_core.models.cpu_layout import column_major_linears, column_major_lm_head
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral"})  # what our compact forward implements
 _STALE_TEMP_S = 6 * 3600  # a temp folder this old belongs to a conversion that was killed, not a running one
