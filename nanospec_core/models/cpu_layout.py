@@ -25,6 +25,11 @@ from torch.utils.weak import WeakTensorKeyDictionary
 _copies = WeakTensorKeyDictionary()  # weight -> its column-major copy, alive as long as the weight
 
 
+def _column_major(weight: torch.Tensor) -> torch.Tensor:
+    """[out, in] -> the same values in new storage with strides (1, out), detached."""
+    return weight.detach().t().contiguous().t()
+
+
 def column_major_view(weight: torch.Tensor) -> torch.Tensor:
     """The same [out, in] values stored column-major (cached: one copy per weight); CPU only, else `weight`.
 
@@ -34,8 +39,7 @@ def column_major_view(weight: torch.Tensor) -> torch.Tensor:
         return weight
     copy = _copies.get(weight)
     if copy is None:
-        copy = weight.detach().t().contiguous().t()
-        _copies[weight] = copy
+        copy = _copies[weight] = _column_major(weight)
     return copy
 
 
@@ -45,8 +49,7 @@ def column_major_linears(module: nn.Module) -> int:
     with torch.no_grad():
         for sub in module.modules():
             if isinstance(sub, nn.Linear) and sub.weight.is_contiguous() and sub.weight.dim() == 2:
-                weight = sub.weight
-                sub.weight = nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=weight.requires_grad)
+                sub.weight = nn.Parameter(_column_major(sub.weight), requires_grad=sub.weight.requires_grad)
                 converted += 1
     return converted
 
@@ -58,5 +61,6 @@ def column_major_lm_head(hf_model) -> bool:
     head = hf_model.get_output_embeddings()
     if not isinstance(head, nn.Linear) or head.weight.device.type != "cpu":
         return False
-    head.forward = lambda x, _head=head: F.linear(x, column_major_view(_head.weight), _head.bias)
+    weight = column_major_view(head.weight)  # looked up once, not on every forward
+    head.forward = lambda x: F.linear(x, weight, head.bias)
     return True
