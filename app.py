@@ -3,8 +3,8 @@
     python app.py                      # the embedded Qwen2.5-Coder-0.5B-Instruct with its shipped head
     NANOSPEC_MODEL=/path/to/model NANOSPEC_HEAD=random NANOSPEC_DTYPE=float32 python app.py
 
-Environment: NANOSPEC_MODEL (default 'embedded'), NANOSPEC_DTYPE (default auto: bf16 where the CPU has it
-natively, else float32), NANOSPEC_HEAD (default: the shipped head, else a random one with a warning banner),
+Environment: NANOSPEC_MODEL (default 'embedded'), NANOSPEC_DTYPE (default auto: the dtype measured fastest on this
+machine, nanospec_core/machine.py; the app's Precision control switches to float32 per run), NANOSPEC_HEAD (default: the shipped head, else a random one with a warning banner),
 NANOSPEC_QUESTIONS (the Spec-Bench file of the Benchmark tab), NANOSPEC_ANY_MODEL=1 (let users load hub ids and
 local folders, not only the packaged models), GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (read by Gradio).
 Layout and wiring only: the alternating runs are nanospec_core.compare, the charts and tables nanospec_core.ui.
@@ -22,7 +22,7 @@ from pathlib import Path
 import gradio as gr
 
 from nanospec_core import ui
-from nanospec_core.compare import RunTrace, compare_runs
+from nanospec_core.compare import RunTrace, compare_runs, first_difference, top2_margin
 from nanospec_core.config import GenerationConfig
 from nanospec_core.errors import NanoSpecError
 from nanospec_core.models.loading import PACKAGED, model_key
@@ -77,7 +77,7 @@ class SessionCache:
             by_key.setdefault(model_key(name), name)
         self.choices = list(by_key.values())  # what a public demo may load
         self.any_model = any_model  # also hub ids and local folders (downloads, disk: off unless asked for)
-        self.sessions: OrderedDict[str, Session] = OrderedDict()
+        self.sessions: OrderedDict[tuple[str, str], Session] = OrderedDict()  # (model, dtype) -> session
         self.notes: dict[str, str] = {}  # model -> warning shown with its results (random head)
         self.lock = threading.Lock()
 
@@ -90,19 +90,27 @@ class SessionCache:
                              "few drafts are accepted and the speedups shown are not representative.")
         return "random"
 
-    def get(self, model: str) -> Session:
+    def loaded(self, model: str, dtype: str | None = None) -> bool:
+        return (model, dtype or self.dtype) in self.sessions
+
+    def get(self, model: str, dtype: str | None = None) -> Session:
+        """The session of `model` in `dtype` ('auto' = measured fastest, 'float32'), loaded on first use; the
+        device is auto: CUDA where there is a GPU."""
+        dtype = dtype or self.dtype
         with self.lock:
-            if model in self.sessions:
-                self.sessions.move_to_end(model)
-                return self.sessions[model]
+            if (model, dtype) in self.sessions:
+                self.sessions.move_to_end((model, dtype))
+                return self.sessions[(model, dtype)]
             if not self.any_model and model not in self.choices:
                 raise NanoSpecError(f"model '{model}' is not served here: choose {', '.join(self.choices)} "
                                     "(NANOSPEC_ANY_MODEL=1 also allows hub ids and local folders)")
-            print(f"nanospec app: loading model '{model}' ({self.dtype}) ...", flush=True)
+            print(f"nanospec app: loading model '{model}' ({dtype}) ...", flush=True)
             started = time.perf_counter()
-            session = Session(model, dtype=self.dtype, head=self.head_for(model))
+            session = Session(model, dtype=dtype, device="auto", head=self.head_for(model))
             session.head  # load the draft head now: a bad head fails here, not mid-run
-            self.sessions[model] = session
+            print(f"nanospec app: {session.runtime.describe()}; tree {vars(session.tree_choice().tree)} "
+                  f"({session.tree_choice().reason})", flush=True)
+            self.sessions[(model, dtype)] = session
             while len(self.sessions) > self.size:
                 self.sessions.popitem(last=False)
             print(f"nanospec app: '{model}' ready in {time.perf_counter() - started:.1f} s", flush=True)
@@ -121,15 +129,24 @@ def user_error(error: Exception) -> gr.Error:
     return gr.Error(f"generation failed: {type(error).__name__}: {first}")
 
 
-def prepare(prompt, model, values: dict):
+def check_precision(label) -> str:
+    if label in ui.PRECISIONS.values():
+        return label
+    if label not in ui.PRECISIONS:
+        raise NanoSpecError(f"precision must be one of {', '.join(ui.PRECISIONS)}, got {label!r}")
+    return SESSIONS.dtype if ui.PRECISIONS[label] == "auto" else ui.PRECISIONS[label]
+
+
+def prepare(prompt, model, values: dict, precision=None):
     """Checked inputs -> (session, prompt ids, gen, tree, vocab); gr.Error with one clear line if anything is off."""
     try:
         prompt = ui.check_prompt(prompt)
         model = ui.check_model_name(model)
         gen, tree, vocab = ui.parse_settings(**values)
-        if model not in SESSIONS.sessions:
-            gr.Info(f"Loading model '{model}' (first use; this can take a minute) ...")
-        session = SESSIONS.get(model)
+        dtype = check_precision(precision) if precision is not None else SESSIONS.dtype
+        if not SESSIONS.loaded(model, dtype):
+            gr.Info(f"Loading model '{model}' ({dtype}; first use, this can take a minute) ...")
+        session = SESSIONS.get(model, dtype)
         if model in SESSIONS.notes and model != SESSIONS.default_model:  # the default's note is the banner
             gr.Warning(SESSIONS.notes[model])
         return session, session.encode(prompt), gen, tree, vocab
@@ -144,8 +161,8 @@ class View:
     draw in the browser) every CHART_EVERY_S, and always with the last round.
     """
 
-    def __init__(self, session: Session, gen: GenerationConfig, capacity: int):
-        self.session, self.gen = session, gen
+    def __init__(self, session: Session, gen: GenerationConfig, capacity: int, prompt_ids=None):
+        self.session, self.gen, self.prompt_ids = session, gen, prompt_ids
         self.axes = ui.ChartAxes(gen.max_new_tokens, capacity)
         self.pieces: list[str] = []
         self.last_update = self.last_charts = 0.0
@@ -153,11 +170,23 @@ class View:
     def due(self, done: bool) -> bool:
         return done or time.perf_counter() - self.last_update >= UPDATE_EVERY_S
 
+    def margin(self, left, right, done: bool) -> float | None:
+        """The target's top-2 logit margin at the first greedy difference, once both runs are done."""
+        if not done or self.gen.temperature > 0 or self.prompt_ids is None:
+            return None
+        position = first_difference(left.token_ids, right.token_ids)
+        if position is None or position >= min(len(left.token_ids), len(right.token_ids)):
+            return None
+        return top2_margin(self.session.target, self.prompt_ids, left.token_ids[:position])[0]
+
     def render(self, left, right, done: bool) -> tuple:
         now = self.last_update = time.perf_counter()
+        dtype = str(self.session.dtype).removeprefix("torch.")
         values = {
-            "eagle_text": left.text, "nanospec_text": right.text, "status": ui.status_line(left, right),
-            "identical": ui.identity_check(left, right, self.gen.temperature, self.session.decode),
+            "eagle_text": left.text, "nanospec_text": right.text,
+            "status": ui.status_line(left, right, runtime=self.session.runtime.describe()),
+            "identical": ui.identity_check(left, right, self.gen.temperature, self.session.decode, dtype,
+                                           self.margin(left, right, done)),
             "summary": ui.summary_frame(left, right),
         }
         if done or now - self.last_charts >= CHART_EVERY_S:
@@ -180,12 +209,14 @@ D = ui.DEFAULTS
 def compare(prompt: str, model: str = MODEL, max_new_tokens=D["max_new_tokens"], temperature=D["temperature"],
             seed=D["seed"], depth=D["depth"], top_k=D["top_k"], total_tokens=D["total_tokens"],
             capacity=D["capacity"], prompt_topk=D["prompt_topk"], node_topk=D["node_topk"],
-            static_core=D["static_core"], fallback_threshold=D["fallback_threshold"]):
-    """Stream plain EAGLE and EAGLE + NanoSpec, alternating rounds; the last update carries both final texts."""
+            static_core=D["static_core"], fallback_threshold=D["fallback_threshold"],
+            precision=next(iter(ui.PRECISIONS))):
+    """Stream plain EAGLE and EAGLE + NanoSpec, alternating rounds; the last update carries both final texts.
+    precision: a ui.PRECISIONS label (or 'auto' / 'float32')."""
     arguments = dict(locals())
     values = {name: arguments[name] for name in SETTINGS}
-    session, prompt_ids, gen, tree, vocab = prepare(prompt, model, values)
-    view = View(session, gen, vocab.capacity)
+    session, prompt_ids, gen, tree, vocab = prepare(prompt, model, values, precision)
+    view = View(session, gen, vocab.capacity, prompt_ids)
     runs = compare_runs(session, prompt_ids, gen, tree, vocab)
     try:
         for pair in runs:
@@ -214,6 +245,7 @@ def benchmark(categories, limit, max_new_tokens, methods, model, *settings, prog
         raise gr.Error(f"the benchmark runner is not available ({error})") from None
     values = {name: value for name, value in zip(SETTINGS, settings)}
     values["max_new_tokens"] = max_new_tokens
+    precision = settings[len(SETTINGS)] if len(settings) > len(SETTINGS) else None
     try:
         if not methods:
             raise NanoSpecError("pick at least one method")
@@ -221,7 +253,8 @@ def benchmark(categories, limit, max_new_tokens, methods, model, *settings, prog
             raise NanoSpecError(f"the questions file {QUESTIONS} is missing: set NANOSPEC_QUESTIONS")
         gen, tree, vocab = ui.parse_settings(**values)
         questions = load_questions(QUESTIONS, list(categories or []) or None, int(limit))
-        session = SESSIONS.get(ui.check_model_name(model))
+        dtype = check_precision(precision) if precision is not None else None
+        session = SESSIONS.get(ui.check_model_name(model), dtype)
         result = run_benchmark(session, questions, list(methods), gen, tree, vocab,
                                progress=lambda fraction, text: progress(fraction, desc=text))
     except Exception as error:  # noqa: BLE001
@@ -230,9 +263,10 @@ def benchmark(categories, limit, max_new_tokens, methods, model, *settings, prog
     return result.table_markdown(), figures.get("speedup"), figures.get("draft_split")
 
 
-def slider(name: str, label: str, step=1, info: str | None = None):
+def slider(name: str, label: str, step=1, info: str | None = None, value=None):
     low, high, _ = ui.LIMITS[name]
-    return gr.Slider(low, high, value=ui.DEFAULTS[name], step=step, label=label, info=info)
+    value = ui.DEFAULTS[name] if value is None else min(max(value, low), high)
+    return gr.Slider(low, high, value=value, step=step, label=label, info=info)
 
 
 def empty_charts() -> dict:
@@ -243,8 +277,11 @@ def empty_charts() -> dict:
             "growth_plot": ui.growth_figure(right, axes.max_new_tokens, axes.capacity)}
 
 
-def build_app(banner: str = "") -> gr.Blocks:
+def build_app(banner: str = "", session: Session | None = None) -> gr.Blocks:
+    """The Blocks app; `session` (the default model's) sets the tree sliders to its measured tree choice."""
     charts = empty_charts()
+    tree = vars(session.tree_choice().tree) if session is not None else {}
+    tree_info = session.tree_choice().reason if session is not None else None
     with gr.Blocks(title="NanoSpec: speculative decoding with a tiny vocabulary", analytics_enabled=False) as demo:
         gr.Markdown("# NanoSpec\nEAGLE-2 speculative decoding whose draft head scores only the few hundred to few "
                     "thousand token ids **of this context** instead of the whole vocabulary. Training-free, lossless "
@@ -258,6 +295,10 @@ def build_app(banner: str = "") -> gr.Blocks:
                 with gr.Column(scale=1, min_width=220):
                     model = gr.Dropdown(SESSIONS.choices, value=SESSIONS.default_model, label="Model",
                                         allow_custom_value=True, info="loaded on first use (at most 2 kept)")
+                    precision = gr.Radio(list(ui.PRECISIONS), value=next(iter(ui.PRECISIONS)), label="Precision",
+                                         elem_id="precision",
+                                         info="fastest: the dtype measured fastest here; float32: outputs equal "
+                                              "plain greedy decoding token for token")
                     generate = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop = gr.Button("Stop", variant="stop", elem_id="stop")
             gr.Examples([[p] for _, p in EXAMPLES], inputs=[prompt], example_labels=[k for k, _ in EXAMPLES],
@@ -268,8 +309,9 @@ def build_app(banner: str = "") -> gr.Blocks:
                                 slider("temperature", "temperature", 0.05, "0 = greedy: both outputs must match"),
                                 gr.Number(ui.DEFAULTS["seed"], label="seed", precision=0)]
                 with gr.Row():
-                    controls += [slider("depth", "tree depth"), slider("top_k", "tree top-k"),
-                                 slider("total_tokens", "tree total tokens")]
+                    controls += [slider("depth", "tree depth", info=tree_info, value=tree.get("depth")),
+                                 slider("top_k", "tree top-k", value=tree.get("top_k")),
+                                 slider("total_tokens", "tree total tokens", value=tree.get("total_tokens"))]
                 with gr.Row():
                     controls += [slider("capacity", "NanoSpec capacity", 64, "rows of the active set"),
                                  slider("prompt_topk", "prompt top-k"), slider("node_topk", "node top-k"),
@@ -316,10 +358,11 @@ def build_app(banner: str = "") -> gr.Blocks:
         outputs = {"eagle_text": eagle_text, "nanospec_text": nanospec_text, "status": status,
                    "identical": identical, "summary": summary, "vocab_plot": vocab_plot,
                    "latency_plot": latency_plot, "locality": locality, "growth_plot": growth_plot}
-        run = generate.click(compare, [prompt, model, *controls], [outputs[name] for name in OUTPUTS],
+        run = generate.click(compare, [prompt, model, *controls, precision], [outputs[name] for name in OUTPUTS],
                              api_name="compare", concurrency_id="cpu", show_progress="minimal")
         stop.click(None, None, None, cancels=[run], api_visibility="private")
-        run_bench.click(benchmark, [bench_categories, bench_limit, bench_tokens, bench_methods, model, *controls],
+        run_bench.click(benchmark, [bench_categories, bench_limit, bench_tokens, bench_methods, model, *controls,
+                                    precision],
                         [bench_table, bench_speedup, bench_split], api_name="benchmark", concurrency_id="cpu")
     return demo
 
@@ -342,7 +385,7 @@ def main() -> None:
     banner = SESSIONS.notes.get(MODEL, "")
     if banner:
         print(f"nanospec app: WARNING: {banner}", flush=True)
-    demo = build_app(banner)
+    demo = build_app(banner, session)
     demo.queue(default_concurrency_limit=1, max_size=16)
     demo.launch(css_paths=[ROOT / "assets" / "app.css"])  # host and port: GRADIO_SERVER_NAME / _PORT
 

@@ -16,8 +16,9 @@ from .errors import NanoSpecError
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="embedded", help="embedded | qwen2.5-coder-1.5b | hub id | local folder")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                        help="auto = the fastest for the device (bf16 with native support, else float32)")
-    parser.add_argument("--device", default="cpu")
+                        help="auto = the fastest measured on this machine (cached); float32 = exact greedy equality "
+                             "with plain decoding (bf16 can flip near-ties)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA where there is a GPU, else cpu) | cpu | cuda")
     parser.add_argument("--head", default=None, help="EAGLE head: folder | hub id | random (default: shipped head)")
 
 
@@ -25,11 +26,12 @@ def add_decode_args(parser: argparse.ArgumentParser) -> None:
     """Tree and vocabulary knobs shared by generate and bench (defaults from the config dataclasses)."""
     from .config import TreeConfig, VocabConfig
 
-    tree, vocab = TreeConfig(), VocabConfig()
+    vocab = VocabConfig()
     parser.add_argument("--tree-preset", default=None, choices=["cpu", "deep", "gpu", "chain"])
-    parser.add_argument("--depth", type=int, default=tree.depth)
-    parser.add_argument("--top-k", type=int, default=tree.top_k)
-    parser.add_argument("--total-tokens", type=int, default=tree.total_tokens)
+    measured = "default: the tree of highest expected tokens/s measured on this machine for the head"
+    parser.add_argument("--depth", type=int, default=None, help=measured)
+    parser.add_argument("--top-k", type=int, default=None, help=measured)
+    parser.add_argument("--total-tokens", type=int, default=None, help=measured)
     parser.add_argument("--static-k", type=int, default=vocab.static_k)
     parser.add_argument("--capacity", type=int, default=vocab.capacity)
     parser.add_argument("--prompt-topk", type=int, default=vocab.prompt_topk)
@@ -38,13 +40,20 @@ def add_decode_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fallback-threshold", type=float, default=vocab.fallback_threshold)
 
 
-def decode_configs(args):
+def decode_configs(args, session=None):
+    """(TreeConfig, VocabConfig) from the flags. The tree: a preset, else the session's measured choice (or the
+    fallback default without a session) with every tree flag the user gave taking precedence."""
+    from dataclasses import replace
+
     from .config import TreeConfig, VocabConfig
 
     if args.tree_preset:
         tree = TreeConfig.preset(args.tree_preset)
     else:
-        tree = TreeConfig(depth=args.depth, top_k=args.top_k, total_tokens=args.total_tokens)
+        tree = session.tree_choice().tree if session is not None else TreeConfig()
+        given = {name: getattr(args, name) for name in ("depth", "top_k", "total_tokens")
+                 if getattr(args, name) is not None}
+        tree = replace(tree, **given)
     if not (1 <= tree.depth <= 16 and 1 <= tree.top_k <= 64 and 1 <= tree.total_tokens <= 256):
         raise NanoSpecError("tree settings out of range: depth 1..16, top-k 1..64, total-tokens 1..256")
     vocab = VocabConfig(static_k=args.static_k, capacity=args.capacity, prompt_topk=args.prompt_topk,
@@ -55,14 +64,17 @@ def decode_configs(args):
 
 def cmd_generate(args) -> int:
     from .config import GenerationConfig
-    from .session import Session
+    from .session import DRAFT_METHODS, Session
 
+    decode_configs(args)  # bad tree settings fail before the model loads
     session = Session(args.model, dtype=args.dtype, device=args.device, head=args.head, progress=not args.json)
-    tree, vocab = decode_configs(args)
+    tree, vocab = decode_configs(args, session)
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     result = session.generate(args.method, args.prompt, gen, raw=args.raw, tree=tree, vocab=vocab)
     if args.json:
-        print(json.dumps(result.to_json()))
+        choice = session.tree_choice().to_json() if args.method in DRAFT_METHODS else None
+        print(json.dumps({**result.to_json(), "runtime": session.runtime.to_json(),
+                          "tree": vars(tree) if args.method in DRAFT_METHODS else None, "tree_choice": choice}))
     else:
         s = result.summary
         print(result.text)
@@ -98,14 +110,12 @@ def cmd_microbench(args) -> int:
 
 
 def cmd_costs(args) -> int:
-    from .models.loading import load_model
-    from .models.target import TargetModel
     from .profiling import verification_curve
+    from .session import Session
 
-    from .config import resolve_dtype
-
-    dtype = resolve_dtype(args.dtype, args.device)
-    target = TargetModel(load_model(args.model, dtype=dtype, device=args.device).hf_model)
+    session = Session(args.model, dtype=args.dtype, device=args.device, progress=True)
+    print(f"runtime: {session.runtime.describe()}", file=sys.stderr)
+    target = session.target
     curve = verification_curve(target, sizes=tuple(args.sizes), context=args.context)
     base = curve[0][1]
     print(f"| new tokens (cache {args.context}) | forward + logits (ms) | vs first |")
@@ -177,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
         train_arguments(train)
         train.set_defaults(func=train_run)
 
+    calib = sub.add_parser("calibrate-head", help="measure the head's acceptance per depth (the tree chooser's input)")
+    add_model_args(calib)
+    from .calibrate import add_arguments as calibrate_arguments, run as calibrate_run
+
+    calibrate_arguments(calib)
+    calib.set_defaults(func=calibrate_run)
+
     prep = sub.add_parser("prepare", help="build the static frequency table from ShareGPT for a model's tokenizer")
     prep.add_argument("--model", default="embedded")
     prep.add_argument("--out", default=None)
@@ -197,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     micro = sub.add_parser("microbench", help="subset lm head vs full lm head at active sizes 256..8192")
     micro.add_argument("--rows", type=int, default=10, help="hidden rows per call (draft nodes per level)")
-    micro.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    micro.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     micro.set_defaults(func=cmd_microbench)
     return parser
 

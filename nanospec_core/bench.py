@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from .bench_store import load_previous, write_rows
-from .compare import first_difference
+from .compare import first_difference, top2_margin
 from .config import GenerationConfig, TreeConfig, VocabConfig
 from .errors import NanoSpecError
 
@@ -87,15 +87,6 @@ def load_questions(path: str | Path, categories: list[str] | None = None, limit:
     if limit is not None:
         rounds = min(rounds, limit)
     return [group[i] for i in range(rounds) for group in by_category.values() if i < len(group)]
-
-
-def top2_margin(target, prompt_ids: torch.Tensor, prefix: list[int]) -> tuple[float, int, int]:
-    """Target's next-token logits after prompt + prefix (fresh cache, float32): (top1 - top2, top1 id, top2 id)."""
-    ids = torch.cat([prompt_ids.to(target.device), torch.tensor(prefix, dtype=torch.long, device=target.device)])
-    cache = target.new_cache(ids.numel() + 1)
-    hidden = target.forward(ids, cache).hidden[-1:]  # [1, H]
-    values, indices = target.logits(hidden)[0].topk(2)
-    return float(values[0] - values[1]), int(indices[0]), int(indices[1])
 
 
 def record(question: Question, result, reference, prompt_ids, target, greedy: bool) -> dict:
@@ -265,11 +256,19 @@ def check_methods(methods) -> list[str]:
     return methods
 
 
+def runtime_config(runtime) -> dict:
+    """Device and CPU weight layout of a RuntimeChoice (what the dtype probe decided besides the dtype)."""
+    if runtime is None:
+        return {}
+    return {"device": runtime.device, "layout": f"{runtime.backbone_layout} backbone, {runtime.head_layout} lm head"}
+
+
 def run_config(session, questions, methods, gen: GenerationConfig, tree: TreeConfig, vocab: VocabConfig,
                raw: bool) -> dict:
     """Everything that must match for two runs' records to be one benchmark (checked by --resume)."""
     return {"model": session.model_name, "head": getattr(session, "head_source", None),
-            "dtype": str(session.dtype).removeprefix("torch."), "methods": ", ".join(methods),
+            "dtype": str(session.dtype).removeprefix("torch."), **runtime_config(getattr(session, "runtime", None)),
+            "methods": ", ".join(methods),
             "max_new_tokens": gen.max_new_tokens, "temperature": gen.temperature, "seed": gen.seed,
             "tree": vars(tree), "vocab": vars(vocab), "questions": len(questions), "raw": raw}
 
@@ -287,7 +286,7 @@ def run_benchmark(session, questions: list[Question], methods: list[str], gen: G
     methods = check_methods(methods)
     if not questions:
         raise NanoSpecError("no questions to run")
-    tree, vocab = tree or TreeConfig(), vocab or VocabConfig()
+    tree, vocab = tree or session.tree_choice().tree, vocab or VocabConfig()
     config = run_config(session, questions, methods, gen, tree, vocab, raw)
     rows, interrupted = list(previous or []), False
     finished = {}
@@ -362,16 +361,21 @@ def run(args) -> int:
 
     questions = load_questions(args.questions, split_list(args.categories), args.limit)  # fail before loading
     methods = check_methods(split_list(args.methods) or [])
-    tree, vocab = decode_configs(args)
+    decode_configs(args)  # bad tree settings fail before the model loads
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     if args.resume and not args.out:
         raise NanoSpecError("--resume needs --out (the folder of the run to continue)")
     out = Path(args.out or Path("bench_out") / time.strftime("%Y%m%d-%H%M%S"))
     session = Session(args.model, dtype=args.dtype, device=args.device, head=args.head)
+    tree, vocab = decode_configs(args, session)
+    print(f"runtime: {session.runtime.describe()}\ntree: {vars(tree)} ({session.tree_choice().reason})",
+          file=sys.stderr)
     config = run_config(session, questions, methods, gen, tree, vocab, args.raw)
     previous = load_previous(out, config) if args.resume else None
     result = run_benchmark(session, questions, methods, gen, tree, vocab, progress=True, raw=args.raw,
                            previous=previous, on_prompt=lambda rows: write_rows(rows, config, out))
+    result.config.update(runtime=session.runtime.describe(), runtime_probe_ms=session.runtime.costs,
+                         tree_choice=session.tree_choice().to_json())  # reported, not compared by --resume
     print(result.table_markdown())
     written = result.save(out)
     print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)

@@ -41,7 +41,7 @@ def load_previous(out: Path, config: dict) -> list[dict]:
     if not config_path.exists():
         raise NanoSpecError(f"cannot resume {out}: it has no config.json")
     old = json.loads(config_path.read_text())
-    changed = sorted(k for k in set(old) | set(config) if old.get(k) != json.loads(json.dumps(config.get(k))))
+    changed = sorted(k for k in config if old.get(k) != json.loads(json.dumps(config[k])))  # reports aside
     if changed:
         raise NanoSpecError(f"cannot resume {out}: settings differ ({', '.join(changed)}); use another --out")
     return [json.loads(line) for line in rows_path.read_text(encoding="utf-8").splitlines() if line.strip()]

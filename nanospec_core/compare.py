@@ -82,7 +82,7 @@ def compare_runs(session, prompt_ids: torch.Tensor, gen: GenerationConfig, tree:
     Both streams are created (head and vocabulary policy set up) before either clock starts. With decode_text the
     traces' `text` is refreshed for the methods that advanced.
     """
-    tree, vocab = tree or TreeConfig(), vocab or VocabConfig()
+    tree, vocab = tree or session.tree_choice().tree, vocab or VocabConfig()
     clock = Clock(session.target.device)
 
     traces = [RunTrace(method) for method in methods]
@@ -118,3 +118,13 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
         if x != y:
             return index
     return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def top2_margin(target, prompt_ids: torch.Tensor, prefix: list[int]) -> tuple[float, int, int]:
+    """Target's next-token logits after prompt + prefix (fresh cache, logits in float32): (top1 - top2, top1 id,
+    top2 id). At a greedy divergence a margin of a few bf16 steps says: a near-tie decided by rounding order."""
+    ids = torch.cat([prompt_ids.to(target.device), torch.tensor(prefix, dtype=torch.long, device=target.device)])
+    cache = target.new_cache(ids.numel() + 1)
+    hidden = target.forward(ids, cache).hidden[-1:]  # [1, H]
+    values, indices = target.logits(hidden)[0].topk(2)
+    return float(values[0] - values[1]), int(indices[0]), int(indices[1])

@@ -12,27 +12,10 @@ import torch
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
-def native_bf16_cpu() -> bool:
-    """Does this CPU have bf16 matrix units (AMX)? Measured on the embedded 0.5B model: on AVX2 a bf16 forward ran
-    ~3x slower than float32; with AVX512-BF16 but no AMX, every method of the Spec-Bench run was 0.84-0.98x its
-    float32 speed (docs/results.md). Only AMX is counted as native."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return True  # unknown platform: trust bf16
-    return "amx_bf16" in flags
-
-
-def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:
-    """'auto' -> the fastest dtype measured for the device: bf16 on CUDA and on CPUs with AMX, float32 on other CPUs
-    (see native_bf16_cpu), where float32 also makes greedy speculative output equal to plain greedy decoding."""
-    if name == "auto":
-        if torch.device(device).type == "cuda" or native_bf16_cpu():
-            return torch.bfloat16
-        return torch.float32
+def resolve_dtype(name: str) -> torch.dtype:
+    """A named dtype ('auto' is decided by measurement in machine.py, for a loaded model's shapes)."""
     if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}: choose auto or one of {', '.join(DTYPES)}")
+        raise ValueError(f"unknown dtype {name!r}: choose one of {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
@@ -46,7 +29,8 @@ class GenerationConfig:
 
 @dataclass
 class TreeConfig:
-    """EAGLE-2 dynamic tree shape.
+    """EAGLE-2 dynamic tree shape. The default a Session uses is chosen by measurement (Session.tree_choice,
+    decoding/tree_choice.py); these field defaults are the fallback for a head without an acceptance table.
 
     EAGLE's GPU defaults (60 nodes, depth 6, top-k 10) assume verification is nearly free. On this 2-core AVX2 CPU
     (float32) a target forward over 8 tokens costs 1.7x one token and 64 tokens 3.8x, and the shipped CPU-trained
@@ -84,15 +68,14 @@ class VocabConfig:
     # in-context set alone misses them at first use; 1024 lifted replayed coverage 0.87 -> 0.95 (0 = pure in-context)
     fallback_threshold: float = 0.0  # rolling hit rate under which one round drafts on the full vocabulary; 0 = off
     fallback_window: int = 8  # rounds in the rolling hit rate
-    # dtype of the subset row buffer: 'auto' = float32 when bf16 weights sit on a CPU without native bf16 (AVX2
-    # only: there a bf16 GEMM is ~3x slower than fp32, and a 4k-row fp32 copy is small), else the weight's dtype
+    # dtype of the subset row buffer: 'auto' = the weight's, which the runtime probe chose as the fast one here
     buffer_dtype: str = "auto"
 
 
 @dataclass
 class ModelSpec:
     name: str = "embedded"  # 'embedded', 'qwen2.5-coder-1.5b', a hub id or a local folder
-    dtype: str = "auto"  # the fastest for the device (see resolve_dtype); float32 for exactness checks
-    device: str = "cpu"
+    dtype: str = "auto"  # the fastest measured on the device (machine.py); float32 for exactness checks
+    device: str = "auto"
     head: str | None = None  # EAGLE head: a folder, hub id, 'random', or None = the model's shipped head
     extra: dict = field(default_factory=dict)

@@ -37,3 +37,42 @@ def forward_cost_ms(target: TargetModel, new_tokens: int, context: int = 200, re
 
 def verification_curve(target: TargetModel, sizes=(1, 16, 32, 64), context: int = 200) -> list[tuple[int, float]]:
     return [(n, forward_cost_ms(target, n, context)) for n in sizes]
+
+
+DRAFT_ROWS = 2048  # active rows assumed when timing a draft level: NanoSpec's average set is ~1.4-2k ids
+VERIFY_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)  # tree tokens (root included) timed for the tree chooser
+LEVEL_SIZES = (1, 2, 4, 8, 16)  # rows per draft level timed
+
+
+def draft_level_ms(target: TargetModel, head, rows: int, context: int = 200, repeats: int = 5,
+                   active_rows: int = DRAFT_ROWS) -> float:
+    """Median ms of one draft level over `rows` nodes: a head step after `context` cached pairs, then the
+    log-softmax top-k over `active_rows` lm-head rows (NanoSpec's subset), as build_tree runs it."""
+    import torch.nn.functional as F
+
+    clock = Clock(target.device)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, target.vocab_size, (context + rows,), generator=generator).to(target.device)
+    # [n, H] features: what a draft level reads (its parent's output) for EAGLE-2 and EAGLE-3 alike
+    features = torch.randn(context + rows, target.hidden_size, generator=generator).to(target.device, head.dtype)
+    cache = head.new_cache(context + rows)
+    with torch.inference_mode():
+        head.forward(ids[:context], features[:context], cache)
+        cache.commit()
+        subset = head.lm_head_weight[:active_rows].contiguous()
+        mask = torch.ones(rows, rows, dtype=torch.bool, device=target.device).tril()
+        times = []
+        for i in range(repeats + 1):
+            start = clock()
+            hidden = head.forward(ids[context:], features[context:], cache, tree_mask=mask)
+            F.linear(head.lm_input(hidden).to(subset.dtype), subset).float().log_softmax(-1).topk(min(10, rows))
+            cache.discard()
+            if i:
+                times.append((clock() - start) * 1e3)
+    return statistics.median(times)
+
+
+def tree_costs(target: TargetModel, head) -> dict[str, dict[int, float]]:
+    """The two cost curves the tree chooser reads: {'verify': {tokens: ms}, 'level': {rows: ms}}."""
+    return {"verify": {n: forward_cost_ms(target, n) for n in VERIFY_SIZES},
+            "level": {n: draft_level_ms(target, head, n) for n in LEVEL_SIZES}}

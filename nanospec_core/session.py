@@ -14,12 +14,14 @@ from typing import Iterator
 
 import torch
 
-from .config import GenerationConfig, TreeConfig, VocabConfig, resolve_dtype
+from .config import GenerationConfig, TreeConfig, VocabConfig
 from .decoding.engine import Request, speculative_decode
+from .decoding.tree_choice import TreeChoice, choose_tree, interpolate, load_acceptance
 from .decoding.plain import hf_generate, plain_decode
 from .errors import NanoSpecError
 from .metrics import RunSummary, StepStats, summarize
-from .models.loading import load_model
+from .machine import RuntimeChoice, choose_runtime
+from .models.loading import cache_dir, load_model, resolve_model_dir
 from .models.target import TargetModel
 
 METHODS = ("vanilla", "hf", "hf-lookup", "eagle", "static", "nanospec")
@@ -46,19 +48,35 @@ class RunResult:
                 "summary": self.summary.to_json(), "steps": [s.to_json() for s in self.steps if s.round > 0]}
 
 
+def model_config(name: str, progress: bool = True):
+    """The HF config of a model (packaged ones are converted first): what the runtime probe reads."""
+    from transformers import AutoConfig
+
+    folder = resolve_model_dir(name, progress=progress)
+    try:
+        return AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except Exception as error:  # noqa: BLE001 - any unreadable config is one clear line
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise NanoSpecError(f"cannot read the config of model '{name}' from {folder}: {first_line}") from None
+
+
 class Session:
-    def __init__(self, model: str = "embedded", dtype: str = "auto", device: str = "cpu",
+    """dtype / device 'auto': chosen by measurement on this machine (machine.py), as is the CPU weight layout;
+    `runtime` says what was chosen and why. `tree_choice()` is the measured default draft tree."""
+
+    def __init__(self, model: str = "embedded", dtype: str = "auto", device: str = "auto",
                  head: str | None = None, progress: bool = True):
-        try:
-            self.dtype = resolve_dtype(dtype, device)
-        except ValueError as error:
-            raise NanoSpecError(str(error)) from None
         self.model_name, self.head_source = model, head
-        self.loaded = load_model(model, dtype=self.dtype, device=device, progress=progress)
+        self.runtime: RuntimeChoice = choose_runtime(model_config(model, progress), device=device, dtype=dtype)
+        self.dtype = self.runtime.torch_dtype
+        self.loaded = load_model(model, dtype=self.dtype, device=self.runtime.device, progress=progress,
+                                 layout=(self.runtime.backbone_layout, self.runtime.head_layout))
         self.tokenizer = self.loaded.tokenizer
         self.target = TargetModel(self.loaded.hf_model)
         self._head = None
+        self._head_dir: Path | None = None
         self._frequency = None
+        self._tree_choice: TreeChoice | None = None
         self._warned_no_core = False
 
     # --- lazily loaded parts -----------------------------------------------------------------------------
@@ -76,7 +94,44 @@ class Session:
                                         "pass --head PATH|hub-id|random")
                 source = str(shipped)
             self._head = load_head(source, self.target)
+            self._head_dir = Path(source) if Path(source).is_dir() else None
         return self._head
+
+    def tree_choice(self) -> TreeChoice:
+        """The default draft tree: the one of highest expected tokens/s from this machine's measured verify and
+        draft costs and the head's measured acceptance (decoding/tree_choice.py); TreeConfig() when the head has
+        no acceptance table. Costs are measured once per machine, model, dtype, layout and head, then cached."""
+        if self._tree_choice is None:
+            ranks = load_acceptance(self._head_dir if self.head is not None else None)
+            if ranks is None:
+                self._tree_choice = TreeChoice.fixed(TreeConfig(), "fixed default: this head has no acceptance "
+                                                     "table (python -m nanospec_core calibrate-head)")
+            else:
+                costs = self._tree_costs()
+                self._tree_choice = choose_tree(ranks, interpolate(costs["verify"]), interpolate(costs["level"]))
+        return self._tree_choice
+
+    def _tree_costs(self) -> dict[str, dict[int, float]]:
+        import json
+
+        from .profiling import tree_costs
+
+        r = self.runtime
+        key = (f"{r.machine} | torch {torch.__version__} | {r.device} | {self.loaded.key} | {r.dtype} | "
+               f"{r.backbone_layout},{r.head_layout} | head {self._head_dir}")
+        path = cache_dir() / "tree_costs.json"
+        try:
+            entries = json.loads(path.read_text())
+        except (OSError, ValueError):
+            entries = {}
+        if key not in entries:
+            entries[key] = tree_costs(self.target, self.head)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(entries, indent=1))
+            except OSError:
+                pass
+        return {part: {int(n): ms for n, ms in curve.items()} for part, curve in entries[key].items()}
 
     @property
     def frequency(self) -> torch.Tensor | None:
@@ -148,7 +203,7 @@ class Session:
             lookup = PROMPT_LOOKUP_TOKENS if method == "hf-lookup" else 0
             return hf_generate(self.loaded.hf_model, request, prompt_lookup=lookup)
         policy = self.make_policy(method, vocab or VocabConfig())
-        return speculative_decode(self.target, self.head, policy, request, tree or TreeConfig())
+        return speculative_decode(self.target, self.head, policy, request, tree or self.tree_choice().tree)
 
     def run(self, method: str, prompt_ids: torch.Tensor, gen: GenerationConfig,
             tree: TreeConfig | None = None, vocab: VocabConfig | None = None) -> RunResult:

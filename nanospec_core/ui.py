@@ -296,8 +296,16 @@ def summary_frame(left: RunTrace, right: RunTrace, labels=("EAGLE", "EAGLE + Nan
     return pd.DataFrame(rows)
 
 
-def identity_check(left: RunTrace, right: RunTrace, temperature: float, decode) -> str:
-    """Markdown line: are the two outputs the same token for token (meaningful at temperature 0)?"""
+PRECISIONS = {"fastest measured": "auto", "float32: exact greedy equality": "float32"}  # app label -> dtype
+
+
+def identity_check(left: RunTrace, right: RunTrace, temperature: float, decode, dtype: str = "float32",
+                   margin: float | None = None) -> str:
+    """Markdown line: are the two outputs the same token for token (meaningful at temperature 0)?
+
+    A greedy difference is explained by the precision: in float32 it must not happen (a bug to report); in bf16
+    a batched tree forward and a one-token forward can round differently, and `margin` (the target's top-2 logit
+    gap at the first difference, compare.top2_margin) shows how close the tie was."""
     if temperature > 0:
         return ("**Outputs identical:** not expected at temperature > 0: both runs are exact samples of the target's "
                 "distribution, but they consume random numbers differently.")
@@ -310,11 +318,23 @@ def identity_check(left: RunTrace, right: RunTrace, temperature: float, decode) 
         return f"**Outputs identical{scope}: yes**" + (f" ({len(a)} tokens)" if done else "")
     ours = decode(a[position: position + 1]) if position < len(a) else "(end)"
     theirs = decode(b[position: position + 1]) if position < len(b) else "(end)"
-    return (f"**Outputs identical{scope}: no**, first difference at token {position}: EAGLE {ours!r} vs "
-            f"NanoSpec {theirs!r} (in bfloat16 a near-tie can round either way; float32 is exact)")
+    line = (f"**Outputs identical{scope}: no**, first difference at token {position}: EAGLE {ours!r} vs "
+            f"NanoSpec {theirs!r}")
+    if dtype == "float32":
+        return line + (" -- in float32 greedy outputs must match: this is a bug, please report it with the "
+                       "prompt and settings")
+    short = {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
+    if margin is not None:
+        line += (f"; the target's top-2 logit margin there is {margin:.4g}: a near-tie at {short} resolution: both "
+                 "continuations are the target's greedy choice within rounding")
+    else:
+        line += f"; in {short} a near-tie can round either way"
+    return line + ". Choose float32 precision for exact greedy equality."
 
 
-def status_line(left: RunTrace, right: RunTrace, stopped: bool = False) -> str:
+def status_line(left: RunTrace, right: RunTrace, stopped: bool = False, runtime: str = "") -> str:
+    """'done: EAGLE n tokens in s, NanoSpec m tokens in s', then where and how it runs (RuntimeChoice.describe)."""
     state = "stopped" if stopped else ("done" if left.finished and right.finished else "running")
-    return (f"{state}: EAGLE {len(left.token_ids)} tokens in {left.wall_s:.2f} s, "
+    line = (f"{state}: EAGLE {len(left.token_ids)} tokens in {left.wall_s:.2f} s, "
             f"NanoSpec {len(right.token_ids)} tokens in {right.wall_s:.2f} s")
+    return line + (f" · {runtime}" if runtime else "")

@@ -8,6 +8,8 @@ import app
 from nanospec_core import ui
 from nanospec_core.compare import RunTrace, first_difference
 from nanospec_core.config import GenerationConfig, TreeConfig, VocabConfig
+from nanospec_core.decoding.tree_choice import TreeChoice
+from nanospec_core.machine import RuntimeChoice
 from nanospec_core.metrics import StepStats
 
 PROMPT = "write python code please"
@@ -140,16 +142,22 @@ def test_session_cache_keeps_at_most_two_models_and_notes_random_heads(monkeypat
     built = []
 
     class FakeSession:
-        def __init__(self, name, dtype, head):
+        def __init__(self, name, dtype, device, head):
             built.append((name, head))
             self.head = object()
+            self.runtime = RuntimeChoice(device="cpu", dtype=dtype, source="given")
+
+        def tree_choice(self):
+            return TreeChoice.fixed(TreeConfig(), "fake")
 
     monkeypatch.setattr(app, "Session", FakeSession)
     cache = app.SessionCache(default_model="a", dtype="float32", head=None, size=2, any_model=True)
     for name in ("a", "b", "a", "c"):
         cache.get(name)
     assert [name for name, _ in built] == ["a", "b", "c"]  # 'a' was reused
-    assert list(cache.sessions) == ["a", "c"]  # 'b', least recently used, was dropped
+    assert list(cache.sessions) == [("a", "float32"), ("c", "float32")]  # 'b', least recently used, was dropped
+    cache.get("a", "bfloat16")  # another precision is another session
+    assert built[-1][0] == "a" and list(cache.sessions)[-1] == ("a", "bfloat16")
     assert all(head == "random" for _, head in built)  # no head ships for these names
     assert "RANDOM head" in cache.notes["a"]
 
@@ -157,7 +165,7 @@ def test_session_cache_keeps_at_most_two_models_and_notes_random_heads(monkeypat
 def test_compare_parameters_follow_the_controls_order():
     import inspect
 
-    assert list(inspect.signature(app.compare).parameters) == ["prompt", "model", *app.SETTINGS]
+    assert list(inspect.signature(app.compare).parameters) == ["prompt", "model", *app.SETTINGS, "precision"]
 
 
 def test_benchmark_tab_runs_a_small_spec_bench_selection(model, tmp_path, monkeypatch):
@@ -248,3 +256,30 @@ def test_compare_endpoint_streams_both_texts_over_http(app_server):
     eagle_text, nanospec_text, status, identical = final[:4]
     assert eagle_text and eagle_text == nanospec_text
     assert status.startswith("done") and "Outputs identical: yes" in identical
+
+
+def test_a_bf16_divergence_is_explained_with_the_target_margin():
+    left, right = trace("eagle", 2), trace("nanospec", 2)
+    right.token_ids = right.token_ids[:3] + [99] + right.token_ids[4:]
+    left.finished = right.finished = True
+    line = ui.identity_check(left, right, 0.0, lambda ids: f"<{ids[0]}>", dtype="bfloat16", margin=0.0625)
+    assert "token 3" in line and "margin there is 0.0625" in line and "near-tie at bf16 resolution" in line
+    assert "float32" in line  # the way to exact equality
+    exact = ui.identity_check(left, right, 0.0, lambda ids: f"<{ids[0]}>", dtype="float32")
+    assert "bug" in exact and "near-tie" not in exact  # in float32 a difference is never explained away
+
+
+def test_the_status_line_says_where_and_how_it_runs():
+    left, right = trace("eagle", 2), trace("nanospec", 2)
+    left.finished = right.finished = True
+    choice = RuntimeChoice(device="cpu", dtype="bfloat16", speedup=2.6, runner_up="float32", machine="AMD EPYC")
+    line = ui.status_line(left, right, runtime=choice.describe())
+    assert line.startswith("done") and "bf16: measured 2.6x faster than float32 on this CPU (AMD EPYC)" in line
+
+
+def test_float32_precision_is_one_click_away(model):
+    final = named(list(app.compare(PROMPT, model, *(ui.DEFAULTS[n] if n not in SMALL else SMALL[n]
+                                                      for n in app.SETTINGS), "float32: exact greedy equality"))[-1])
+    assert final["eagle_text"] == final["nanospec_text"] and "Outputs identical: yes" in final["identical"]
+    with pytest.raises(gr.Error, match="precision must be one of"):
+        next(app.compare(PROMPT, model, *(ui.DEFAULTS[n] for n in app.SETTINGS), "fp8 please"))

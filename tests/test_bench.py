@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 import torch
 
-from nanospec_core.bench import BenchResult, first_difference, load_questions, record, run_benchmark, top2_margin
+from nanospec_core.bench import BenchResult, first_difference, load_questions, record, run_benchmark
+from nanospec_core.compare import top2_margin
 from nanospec_core.config import GenerationConfig
 from nanospec_core.errors import NanoSpecError
 from nanospec_core.metrics import StepStats, summarize
@@ -144,6 +145,12 @@ class ScriptedSession:
 
     def encode(self, prompt, raw=False):
         return torch.tensor([1, 2, 3])
+
+    def tree_choice(self):
+        from nanospec_core.config import TreeConfig
+        from nanospec_core.decoding.tree_choice import TreeChoice
+
+        return TreeChoice.fixed(TreeConfig(), "scripted")
 
     def run(self, method, prompt_ids, gen, tree=None, vocab=None):
         self.calls.append((method, gen.max_new_tokens))

@@ -30,6 +30,17 @@ def test_generate_json_contract_and_methods_agree(capsys, tiny_model_dir):
     assert len({tuple(d["token_ids"]) for d in results.values()}) == 1
     assert results["nanospec"]["summary"]["avg_active_vocab"] < results["eagle"]["summary"]["avg_active_vocab"]
     assert results["vanilla"]["summary"]["avg_active_vocab"] is None
+    runtime = results["eagle"]["runtime"]
+    assert runtime["dtype"] == "float32" and runtime["source"] == "given" and runtime["device"] == "cpu"
+    assert runtime["backbone_layout"] in ("row", "column") and "float32" in runtime["summary"]
+    assert results["eagle"]["tree"] == results["eagle"]["tree_choice"]["tree"]  # random head: the fixed default
+    assert "no acceptance table" in results["eagle"]["tree_choice"]["reason"]
+
+
+def test_explicit_tree_flags_win_over_the_default(capsys, tiny_model_dir):
+    data = generate(capsys, tiny_model_dir, "--method", "eagle", "--depth", "2", "--total-tokens", "5")
+    assert data["tree"] == {"depth": 2, "top_k": 4, "total_tokens": 5}
+    assert max(step["accepted"] for step in data["steps"]) <= 3  # depth 2 + the bonus token
 
 
 def test_sampling_is_reproducible_for_a_seed(capsys, tiny_model_dir):
@@ -44,7 +55,6 @@ def test_sampling_is_reproducible_for_a_seed(capsys, tiny_model_dir):
     (["generate", "--prompt", "hi", "--depth", "0"], "tree settings out of range"),
 ])
 def test_bad_input_gives_one_error_line(args, message, tiny_model_dir):
-    args = [a if a != "--prompt" or "--model" in args else a for a in args]
     if "--model" not in args:
         args = args[:1] + ["--model", tiny_model_dir, "--head", "random"] + args[1:]
     proc = subprocess.run([sys.executable, "-m", "nanospec_core", *args], capture_output=True, text=True,

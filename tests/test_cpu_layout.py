@@ -2,7 +2,8 @@
 import torch
 from torch import nn
 
-from nanospec_core.models.cpu_layout import column_major_linears, column_major_lm_head, column_major_view
+from nanospec_core.models.cpu_layout import (add_column_major_copy, apply_layout, column_major_linears,
+                                             column_major_lm_head, matmul_weight)
 
 
 def test_column_major_linears_keep_values_and_outputs():
@@ -19,15 +20,16 @@ def test_column_major_linears_keep_values_and_outputs():
     assert column_major_linears(model) == 0  # already converted: nothing to do
 
 
-def test_column_major_view_is_one_cached_copy_with_the_same_values():
+def test_column_major_copy_is_one_registered_copy_with_the_same_values():
     weight = torch.randn(100, 24)
-    view = column_major_view(weight)
+    assert matmul_weight(weight) is weight  # no layout chosen: the weight itself
+    view = add_column_major_copy(weight)
     assert view.shape == weight.shape and view.stride() == (1, 100) and torch.equal(view, weight)
-    assert column_major_view(weight) is view  # the target and plain EAGLE's head share it
+    assert add_column_major_copy(weight) is view and matmul_weight(weight) is view  # target + EAGLE share it
     assert view.data_ptr() != weight.data_ptr()  # the original keeps its row-major rows (embedding lookups)
     h = torch.randn(8, 24)
     torch.testing.assert_close(nn.functional.linear(h, view), h @ weight.T)
-    assert column_major_view(view) is view  # not contiguous: returned as is
+    assert add_column_major_copy(view) is view  # not contiguous: returned as is
 
 
 def test_hf_lm_head_uses_the_shared_copy_and_keeps_its_tied_weight():
@@ -44,5 +46,19 @@ def test_hf_lm_head_uses_the_shared_copy_and_keeps_its_tied_weight():
     torch.testing.assert_close(model(ids).logits, before)
     hidden = torch.randn(3, 32)
     with torch.no_grad():
-        column_major_view(weight).mul_(2)  # only the copy changes: the head's output must follow it
+        matmul_weight(weight).mul_(2)  # only the copy changes: the head's output must follow it
         torch.testing.assert_close(model.lm_head(hidden), 2 * hidden @ weight.T)
+
+
+def test_apply_layout_row_is_a_no_op_and_column_converts_both_parts():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(config).eval()
+    apply_layout(model, "row", "row")
+    assert model.model.layers[0].mlp.up_proj.weight.is_contiguous()
+    assert matmul_weight(model.lm_head.weight) is model.lm_head.weight
+    apply_layout(model, "column", "column")
+    assert model.model.layers[0].mlp.up_proj.weight.stride() == (1, 64)
+    assert matmul_weight(model.lm_head.weight).stride() == (1, 300)

@@ -192,3 +192,30 @@ def test_drafting_builds_no_autograd_graph_and_keeps_no_tensors(tiny, kind):
         assert tokens_of(steps)
     del steps
     assert len(graph_tensors()) == before
+
+
+def test_hf_generate_ignores_the_model_generation_config_defaults():
+    """transformers fills unset settings from model.generation_config: a hub model's repetition penalty must not
+    reach the `hf` baseline, or it decodes another distribution than every other method."""
+    from nanospec_core.decoding.plain import hf_generate, plain_decode
+
+    model = tiny_hf_model()
+    model.generation_config.repetition_penalty = 1.5
+    request = Request(prompt_ids=torch.arange(3, 1500), gen=GenerationConfig(max_new_tokens=16),
+                      stop_ids=frozenset())  # the prompt holds most ids: a penalty would move the argmax
+    hf_tokens = [t for step in hf_generate(model, request) for t in step.tokens]
+    plain_tokens = [t for step in plain_decode(TargetModel(model), request) for t in step.tokens]
+    assert hf_tokens == plain_tokens
+
+
+def test_hf_sampling_leaves_the_global_rng_alone():
+    from nanospec_core.decoding.plain import hf_generate
+
+    model = tiny_hf_model()  # built first: it seeds the global RNG itself
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    request = Request(prompt_ids=torch.tensor([1, 5, 9]), gen=GenerationConfig(max_new_tokens=4, temperature=0.8,
+                                                                              seed=7), stop_ids=frozenset())
+    list(hf_generate(model, request))
+    assert torch.equal(torch.rand(3), expected)

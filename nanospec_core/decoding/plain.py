@@ -43,26 +43,32 @@ def plain_decode(target: TargetModel, request: Request) -> Iterator[StepStats]:
 def hf_generate(hf_model, request: Request, prompt_lookup: int = 0) -> Iterator[StepStats]:
     """transformers `generate` as users run it; prompt_lookup > 0 enables prompt-lookup decoding (training-free).
 
-    Sampling knobs from the model's generation_config (top-k/top-p/repetition penalty) are overridden so that every
-    method samples from the same plain softmax(logits / T) distribution. Yields one StepStats with all tokens.
+    Every setting is explicit: transformers fills what is left unset from the model's own generation_config (a hub
+    model's repetition penalty, top-k, top-p, ...), which would make this baseline decode a different distribution
+    from every other method. The seed goes into a forked RNG state, so a shared server's global RNG is untouched.
+    Yields one StepStats with all tokens.
     """
     from transformers import GenerationConfig as HFGenerationConfig
 
     clock = Clock(hf_model.device)
     sampling = request.gen.temperature > 0
-    if sampling:
-        torch.manual_seed(request.gen.seed)
     config = HFGenerationConfig(
         max_new_tokens=request.gen.max_new_tokens, do_sample=sampling, num_beams=1,
         eos_token_id=sorted(request.stop_ids) if request.gen.stop_on_eos and request.stop_ids else None,
         pad_token_id=hf_model.config.pad_token_id if hf_model.config.pad_token_id is not None
         else hf_model.config.eos_token_id,
         prompt_lookup_num_tokens=prompt_lookup or None,
-        **(dict(temperature=request.gen.temperature, top_k=0, top_p=1.0) if sampling else {}),
+        temperature=request.gen.temperature if sampling else 1.0, top_k=0 if sampling else None,
+        top_p=1.0, min_p=None, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+        length_penalty=1.0, min_new_tokens=0, bad_words_ids=None, suppress_tokens=None,
+        begin_suppress_tokens=None, forced_bos_token_id=None, forced_eos_token_id=None,
     )
     ids = request.prompt_ids.to(hf_model.device).unsqueeze(0)
+    devices = [hf_model.device] if hf_model.device.type == "cuda" else []
     t0 = clock()
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.random.fork_rng(devices=devices, enabled=sampling):
+        if sampling:
+            torch.manual_seed(request.gen.seed)
         output = hf_model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
     elapsed = clock() - t0
     tokens, done = clip_tokens(output[0, ids.shape[1]:].tolist(), 0, request)

@@ -1,19 +1,19 @@
-"""Weight layout for CPU matrix products over a few rows: keep nn.Linear weights column-major.
+"""Weight layout for CPU matrix products over a few rows: row-major (PyTorch's own) or column-major.
 
 `F.linear(x, W)` computes x @ W.T. PyTorch stores W [out, in] row-major, so the BLAS call is x @ (W stored
 transposed). For x with 1 row that is a matrix-vector product and runs at memory speed either way; for the 4-16 rows
-of a verified tree or a draft level, MKL's kernel for this layout ran at half the speed of the plain product
-x @ W_t with W_t [in, out] contiguous. Storing the same values as W = W_t.t() (shape [out, in], strides (1, out))
-makes `F.linear` take the fast kernel with no change to any caller or to the values.
+of a verified tree or a draft level the kernels differ. Storing the same values as W = W_t.t() (shape [out, in],
+strides (1, out)) makes `F.linear` take the other kernel with no change to any caller or to the values.
 
-Measured with `verification_curve` (embedded Qwen2.5-Coder-0.5B, float32, 2 cores of an AVX-512 Xeon, context 200,
-three interleaved repeats; every Linear, lm head included): a target forward over 8 new tokens took 206-217 ms
-row-major and 139-153 ms column-major, 16 tokens 201-217 -> 168-170 ms, 1 token 84-88 -> 84-92 ms (unchanged).
+Which layout is faster depends on the machine and the dtype, so machine.py measures it (`auto`) and load_model
+applies the choice. Seen so far (embedded Qwen2.5-Coder-0.5B, 2 cores, context 200): on an AVX-512 Xeon in float32
+a target forward over 8 new tokens took 206-217 ms row-major and 139-153 ms column-major (1 token unchanged); on a
+Zen 4 EPYC in bf16, row-major was faster (8 tokens + logits 84.5 vs 111 ms).
 
 Only the backbone is converted in place. The lm head is often tied to the token embedding, whose row lookups (and
-NanoSpec's row gathers into its active buffer) want row-major storage, so the target's logits and plain EAGLE's
-full-vocabulary draft head share one column-major copy of it (`column_major_view`; a second V x H tensor, 545 MB in
-float32 for the embedded model). For 8 rows of the embedded lm head: 45 ms row-major, 31 ms column-major.
+NanoSpec's row gathers into its active buffer) want row-major storage, so a column-major lm head is a second copy
+(`add_column_major_copy`; V x H, 545 MB in float32 for the embedded model) that the target's logits, plain EAGLE's
+full-vocabulary draft head and transformers' own lm head all multiply with (`matmul_weight`).
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ def _column_major(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().t().contiguous().t()
 
 
-def column_major_view(weight: torch.Tensor) -> torch.Tensor:
-    """The same [out, in] values stored column-major (cached: one copy per weight); CPU only, else `weight`.
+def add_column_major_copy(weight: torch.Tensor) -> torch.Tensor:
+    """Make (once) and register a column-major copy of a CPU weight; return it. Elsewhere returns `weight`.
 
     For frozen inference weights: the copy does not follow later in-place updates of `weight`.
     """
@@ -41,6 +41,11 @@ def column_major_view(weight: torch.Tensor) -> torch.Tensor:
     if copy is None:
         copy = _copies[weight] = _column_major(weight)
     return copy
+
+
+def matmul_weight(weight: torch.Tensor) -> torch.Tensor:
+    """What to multiply with for `weight`: its registered column-major copy if the layout chose one, else itself."""
+    return _copies.get(weight, weight)
 
 
 def column_major_linears(module: nn.Module) -> int:
@@ -55,12 +60,23 @@ def column_major_linears(module: nn.Module) -> int:
 
 
 def column_major_lm_head(hf_model) -> bool:
-    """Make HF's own lm head (what transformers `generate` and prompt lookup call) multiply with the shared
-    column-major copy, so those baselines get the same layout as our target; its weight, tied to the embedding,
-    stays as it is. Returns whether there was a Linear lm head to patch."""
+    """Register a column-major copy of HF's lm head and make HF's own lm head (what transformers `generate` and
+    prompt lookup call) multiply with it, so those baselines get the same layout as our target; the weight, tied
+    to the embedding, stays as it is. Returns whether there was a Linear lm head on the CPU to patch."""
     head = hf_model.get_output_embeddings()
     if not isinstance(head, nn.Linear) or head.weight.device.type != "cpu":
         return False
-    weight = column_major_view(head.weight)  # looked up once, not on every forward
+    weight = add_column_major_copy(head.weight)  # looked up once, not on every forward
     head.forward = lambda x: F.linear(x, weight, head.bias)
     return True
+
+
+def apply_layout(hf_model, backbone: str = "row", lm_head: str = "row") -> None:
+    """Store a loaded CPU model's weights as chosen ('row' | 'column' each); row-major is PyTorch's, a no-op."""
+    for name, value in (("backbone", backbone), ("lm_head", lm_head)):
+        if value not in ("row", "column"):
+            raise ValueError(f"{name} layout must be 'row' or 'column', got {value!r}")
+    if backbone == "column":
+        column_major_linears(hf_model.base_model)
+    if lm_head == "column":
+        column_major_lm_head(hf_model)

@@ -28,7 +28,7 @@ import torch
 
 from nanospec_core.config import DTYPES
 from nanospec_core.errors import NanoSpecError
-from nanospec_core.models.cpu_layout import column_major_linears, column_major_lm_head
+from nanospec_core.models.cpu_layout import apply_layout
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral"})  # what our compact forward implements
 _STALE_TEMP_S = 6 * 3600  # a temp folder this old belongs to a conversion that was killed, not a running one
@@ -317,9 +317,14 @@ def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def load_model(
-    name: str = "embedded", dtype: str | torch.dtype = "bfloat16", device: str = "cpu", progress: bool = True
+    name: str = "embedded", dtype: str | torch.dtype = "bfloat16", device: str = "cpu", progress: bool = True,
+    layout: tuple[str, str] = ("row", "row"),
 ) -> LoadedModel:
-    """Load model + tokenizer by packaged name, local folder or hub id; frozen, eval mode, on `device`."""
+    """Load model + tokenizer by packaged name, local folder or hub id; frozen, eval mode, on `device`.
+
+    layout: (backbone, lm head) weight storage on the CPU, 'row' or 'column' each (see cpu_layout.py; machine.py
+    measures which is faster). Every method shares this one model, so the baselines get the same layout.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = _torch_dtype(dtype)
@@ -351,9 +356,8 @@ def load_model(
         raise NanoSpecError(f"cannot move model '{name}' to device '{device}': {error}") from None
     hf_model.eval()
     hf_model.requires_grad_(False)
-    if torch.device(device).type == "cpu":  # faster few-row products (tree verify); see cpu_layout.py
-        column_major_linears(hf_model.base_model)
-        column_major_lm_head(hf_model)
+    if torch.device(device).type == "cpu":  # the measured faster layout for few-row products; cpu_layout.py
+        apply_layout(hf_model, *layout)
     return LoadedModel(
         name=name, path=folder, hf_model=hf_model, tokenizer=tokenizer, dtype=torch_dtype, key=model_key(name)
     )

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import NanoSpecError
-from .cpu_layout import column_major_view
+from .cpu_layout import matmul_weight
 
 SUPPORTED_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -157,9 +157,9 @@ class TargetModel:
         self.num_kv_heads = attn.k_proj.out_features // attn.head_dim
         self.dtype = self.lm_head_weight.dtype
         self.device = self.lm_head_weight.device
-        # CPU: the logits read a column-major copy of the lm head, the fast layout for a few rows (cpu_layout.py);
-        # a copy because the tied embedding wants its rows contiguous. Elsewhere this is the weight itself.
-        self._logits_weight = column_major_view(self.lm_head_weight)
+        # The logits multiply with the layout load_model chose: the weight, or its column-major copy on a CPU
+        # where that measured faster (cpu_layout.py). Looked up once: a later layout change is not followed.
+        self._logits_weight = matmul_weight(self.lm_head_weight)
 
     def new_cache(self, max_len: int) -> KVCache:
         return KVCache(self.num_layers, self.num_kv_heads, self.head_dim, max_len, self.dtype, self.device)

@@ -27,7 +27,7 @@ import torch
 
 from ..config import VocabConfig
 from ..errors import NanoSpecError
-from ..models.cpu_layout import column_major_view
+from ..models.cpu_layout import matmul_weight
 from .subset_head import SubsetLMHead, full_topk, resolve_buffer_dtype
 
 
@@ -78,7 +78,7 @@ class FullVocab(VocabPolicy):
     name = "full"
 
     def __init__(self, lm_head_weight: torch.Tensor, vocab_size: int, head_to_target: torch.Tensor | None = None):
-        self.weight = column_major_view(lm_head_weight)  # [Vh, H]; on CPU the fast layout, shared with the target
+        self.weight = matmul_weight(lm_head_weight)  # [Vh, H]: the layout the target's logits use (shared copy)
         self.vocab_size = vocab_size
         self.head_to_target = None if head_to_target is None else head_to_target.to(lm_head_weight.device).long()
         in_head = torch.zeros(vocab_size + 1, dtype=torch.bool, device=lm_head_weight.device)  # [V + 1]

@@ -28,7 +28,6 @@ import time
 
 import torch
 
-from ..config import native_bf16_cpu
 
 _EMPTY = -1
 _NEVER_EVICT = torch.iinfo(torch.int64).max
@@ -324,12 +323,9 @@ class SubsetLMHead:
 
 
 def resolve_buffer_dtype(choice: str, weight: torch.Tensor) -> torch.dtype:
-    """VocabConfig.buffer_dtype -> a dtype. 'auto': float32 for half-precision weights on a CPU without native
-    bf16 (the subset is small, so the upcast copy is cheap and the GEMM gets faster and exact), else the weight's."""
-    if choice == "auto":
-        slow_half = weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16)
-        return torch.float32 if slow_half and not native_bf16_cpu() else weight.dtype
-    if choice == "weight":
+    """VocabConfig.buffer_dtype -> a dtype. 'auto' and 'weight': the weight's (its dtype is the one the runtime
+    probe measured fastest on this machine, machine.py); or a named dtype."""
+    if choice in ("auto", "weight"):
         return weight.dtype
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if choice not in dtypes:

@@ -1,0 +1,110 @@
+"""Measure a draft head's acceptance per depth and store it with the head: the input of the tree chooser.
+
+    python -m nanospec_core calibrate-head --model embedded          # writes acceptance.json beside the head
+
+For prompts the head was not trained on, the target writes its greedy answer (the text drafts are verified
+against); one target forward over prompt + answer gives its features and greedy tokens at every position; the head
+then drafts from every answer position with the chain teacher-forced (train_loss.unrolled: level r reads its own
+level r-1 output, with the drafting visibility). ranks[p][d-1] = rank of the target's greedy token among the
+head's depth-d logits (0 = its first guess), capped at RANK_CAP. decoding/tree_choice.py turns these into expected
+tokens per round for any tree.
+
+Prompts: ShareGPT first user turns from the first 8,000 records (the rest of the file is evaluation-only), with
+every conversation of the embedded head's two training draws (`--sharegpt 300` and `--sharegpt 1400`, seed 0)
+excluded, so none was trained on. Never Spec-Bench.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+MAX_PROMPT_TOKENS = 512  # longer prompts are skipped: unrolling 8 levels over thousands of positions is slow
+RANK_CAP = 16  # ranks at or past this are stored as RANK_CAP (no tree is that wide)
+TRAINING_DRAWS = (300, 1400)  # train_head --sharegpt values of the shipped head's stages (MODEL_CARD.md)
+SHAREGPT_EVAL_FROM = 8000  # records from here on are evaluation-only
+
+
+def calibration_prompts(count: int, seed: int = 1) -> list[str]:
+    from .train_data import sample_conversations
+
+    trained = {key for draw in TRAINING_DRAWS for key, _ in sample_conversations(draw, skip_ids=set(), seed=0)}
+    chosen = sample_conversations(count, skip_ids=trained, seed=seed, pool=SHAREGPT_EVAL_FROM)
+    return [messages[0]["content"] for _, messages in chosen]
+
+
+@torch.inference_mode()
+def head_ranks(target, head, ids: torch.Tensor, answer_start: int, depth: int) -> np.ndarray:
+    """[positions, depth] ranks of the target's greedy token along teacher-forced draft chains (module docstring).
+
+    Rows are chains starting at answer positions whose `depth` next tokens are all the target's greedy ones.
+    """
+    from .train_loss import unrolled
+
+    T = ids.shape[0]
+    out = target.forward(ids, target.new_cache(T))
+    greedy = torch.cat([target.logits(out.hidden[i:i + 256]).argmax(-1) for i in range(0, T, 256)])  # [T]
+    features = head.target_features(out)[:-1]
+    preds = unrolled(head, ids, features, depth)  # level r row j predicts the token after position j + r
+    start, end = answer_start, T - depth - 1  # chains that start in the answer and fit `depth` levels
+    if end <= start:
+        return np.zeros((0, depth), dtype=np.int64)
+    rows = end - start
+    ranks = torch.zeros(rows, depth, dtype=torch.long)
+    follows = torch.ones(rows, dtype=torch.bool)
+    weight = head.lm_head_weight
+    for level, pred in enumerate(preds, start=1):
+        logits = (head.lm_input(pred[start:end]).to(weight.dtype) @ weight.T).float()  # [rows, Vh]
+        truth = greedy[start + level:end + level]
+        if head.head_to_target is not None:  # EAGLE-3: target id -> head row (-1: not draftable, rank = cap)
+            from .vocab.policies import _target_to_head
+
+            row_of = _target_to_head(head.head_to_target, target.vocab_size)[truth]
+            true_logit = logits.gather(1, row_of.clamp(min=0)[:, None])
+            rank = (logits > true_logit).sum(-1).masked_fill(row_of < 0, RANK_CAP)
+        else:
+            rank = (logits > logits.gather(1, truth[:, None])).sum(-1)
+        ranks[:, level - 1] = rank.clamp(max=RANK_CAP)
+        if level > 1:  # the chain is fed the text's token: it must be the target's greedy one
+            follows &= ids[start + level:end + level] == greedy[start + level - 1:end + level - 1]
+    return ranks[follows].numpy()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompts", type=int, default=24, help="ShareGPT first turns (never trained on)")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="greedy answer length per prompt")
+    parser.add_argument("--depth", type=int, default=8, help="draft levels measured")
+    parser.add_argument("--out", default=None, help="head folder to write acceptance.json into (default: the head's)")
+
+
+def run(args) -> int:
+    import sys
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from .config import GenerationConfig
+    from .decoding.tree_choice import save_acceptance
+    from .session import Session, shipped_head_dir
+
+    session = Session(args.model, dtype=args.dtype, device=args.device, head=args.head)
+    out = Path(args.out) if args.out else Path(args.head) if args.head else shipped_head_dir(session.loaded.key)
+    started = time.time()
+    parts = []
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens)
+    prompts = [ids for ids in map(session.encode, calibration_prompts(2 * args.prompts))
+               if ids.numel() <= MAX_PROMPT_TOKENS][:args.prompts]
+    for prompt_ids in tqdm(prompts, desc="calibrate", unit="prompt"):
+        answer = session.run("nanospec", prompt_ids, gen).token_ids  # greedy: the target's own answer
+        ids = torch.cat([prompt_ids, torch.tensor(answer, dtype=torch.long)]).to(session.target.device)
+        parts.append(head_ranks(session.target, session.head, ids, prompt_ids.numel() - 1, args.depth))
+    ranks = np.concatenate(parts)
+    info = {"command": "python -m nanospec_core calibrate-head " + " ".join(sys.argv[2:]),
+            "dtype": session.runtime.dtype, "machine": session.runtime.machine, "prompts": len(prompts),
+            "max_new_tokens": args.max_new_tokens, "rank_cap": RANK_CAP, "wall_s": round(time.time() - started)}
+    path = save_acceptance(out, ranks, info)
+    print(f"{path}: {ranks.shape[0]} positions, depth {ranks.shape[1]}; top-1 per depth given the chain: "
+          + ", ".join(f"{float((ranks[(ranks[:, :d] == 0).all(1), d] == 0).mean()):.3f}" for d in range(ranks.shape[1])))
+    return 0

@@ -1,0 +1,153 @@
+"""The draft tree that maximises expected tokens per second, from measured costs and the head's measured acceptance.
+
+Model of one round with a tree of depth D, top-k k and N draft nodes:
+
+    tokens/s(D, k, N) = E[committed tokens per round] / (draft_ms(D, k) + verify_ms(N + 1)) * 1000
+    draft_ms(D, k)    = level_ms(rows=2) + D * level_ms(rows=k)     absorb (~tau pairs), then one head step per level
+    verify_ms(n)      = the target's forward over n tree tokens after a cached context, plus logits (measured)
+    E[committed]      = 1 + sum_{d=1..D} P(the tree holds the target's tokens at depths 1..d)       (bonus included)
+
+The head's acceptance is measured once per head (`calibrate-head`, stored as acceptance.json beside its weights):
+for held-out positions p, ranks[p][d-1] is the rank of the target's greedy token among the head's depth-d
+candidates when the chain above it is right (teacher-forced unrolled drafting). A tree that keeps w_d candidates
+under the right parent at depth d holds the path to depth d where ranks[p][j] < w_j for every j <= d, so
+
+    P(depths 1..d held) = mean over p of [ranks[p][j] < w_j for all j <= d]      (correlations between depths kept)
+
+EAGLE-2 spends its N nodes where the head's cumulative probability is highest; we give the widths the same
+treatment with the measured probabilities: add nodes one at a time where they raise E[committed] most, at most
+k per depth, ancestor-closed. That places every node under the right parent, so E[committed] is an upper bound
+for a real tree, whose nodes also sit under wrong parents; docs/results.md compares it with measured tau.
+
+    >>> ranks = [[0, 0], [0, 1], [1, 0], [3, 3]]        # 4 positions, depth 2
+    >>> round(expected_committed(ranks, (1, 1)), 2), round(expected_committed(ranks, (2, 2)), 2)
+    (1.75, 2.5)
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..config import TreeConfig
+
+ACCEPTANCE_FILE = "acceptance.json"
+MAX_DEPTH, MAX_TOP_K, MAX_TOTAL = 8, 10, 64  # the candidate grid (CPU and GPU trees fit in it)
+
+
+def load_acceptance(head_dir: str | Path | None) -> np.ndarray | None:
+    """ranks [positions, depth] from a head folder's acceptance.json, or None when the head has none."""
+    if head_dir is None:
+        return None
+    path = Path(head_dir) / ACCEPTANCE_FILE
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return np.asarray(data["ranks"], dtype=np.int64)
+
+
+def save_acceptance(head_dir: str | Path, ranks: np.ndarray, info: dict) -> Path:
+    path = Path(head_dir) / ACCEPTANCE_FILE
+    summary = {f"depth{d + 1}_top1_given_prev": round(float(_conditional(ranks, d)), 4)
+               for d in range(ranks.shape[1])}
+    path.write_text(json.dumps({**info, "positions": int(ranks.shape[0]), "depth": int(ranks.shape[1]),
+                                "summary": summary, "ranks": ranks.tolist()}, separators=(",", ":")))
+    return path
+
+
+def _conditional(ranks: np.ndarray, depth: int) -> float:
+    """P(rank 0 at `depth` | rank 0 at every earlier depth): the chain's top-1 acceptance at that depth."""
+    alive = (ranks[:, :depth] == 0).all(axis=1)
+    return float((ranks[alive, depth] == 0).mean()) if alive.any() else 0.0
+
+
+def expected_committed(ranks, widths: tuple[int, ...]) -> float:
+    """E[tokens committed per round] (bonus included) for per-depth widths under the right parent."""
+    ranks = np.asarray(ranks)
+    alive = np.ones(ranks.shape[0], dtype=bool)
+    total = 1.0
+    for depth, width in enumerate(widths):
+        if width <= 0 or depth >= ranks.shape[1]:
+            break
+        alive &= ranks[:, depth] < width
+        total += alive.mean()
+    return total
+
+
+def best_widths(ranks: np.ndarray, depth: int, top_k: int, total: int) -> list[tuple[tuple[int, ...], float]]:
+    """Greedy node placement for (depth, top_k): for n = 1..total nodes, (widths, E[committed])."""
+    widths = [0] * depth
+    out = []
+    for _ in range(min(total, depth * top_k)):
+        options = [d for d in range(depth) if widths[d] < top_k and (d == 0 or widths[d - 1] > 0)]
+        gains = []
+        for d in options:
+            trial = widths.copy()
+            trial[d] += 1
+            gains.append((expected_committed(ranks, tuple(trial)), -d, d))  # ties: the shallower depth
+        value, _, chosen = max(gains)
+        widths[chosen] += 1
+        out.append((tuple(widths), value))
+    return out
+
+
+@dataclass
+class TreeChoice:
+    tree: TreeConfig
+    expected_tau: float | None  # the model's E[committed tokens per round]; None without a measurement
+    expected_tokens_per_s: float | None
+    draft_ms: float | None
+    verify_ms: float | None
+    reason: str  # one line: how it was chosen
+
+    @classmethod
+    def fixed(cls, tree: TreeConfig, reason: str) -> "TreeChoice":
+        return cls(tree, None, None, None, None, reason)
+
+    def to_json(self) -> dict:
+        def r(value, digits):
+            return None if value is None else round(value, digits)
+
+        return {"tree": vars(self.tree), "expected_tau": r(self.expected_tau, 3),
+                "expected_tokens_per_s": r(self.expected_tokens_per_s, 2), "draft_ms": r(self.draft_ms, 2),
+                "verify_ms": r(self.verify_ms, 2), "reason": self.reason}
+
+
+def choose_tree(ranks: np.ndarray, verify_ms: Callable[[int], float], level_ms: Callable[[int], float],
+                max_depth: int = MAX_DEPTH, max_top_k: int = MAX_TOP_K, max_total: int = MAX_TOTAL) -> TreeChoice:
+    """The (depth, top_k, total_tokens) of highest expected tokens/s (module docstring); ties: the smaller tree."""
+    best = None
+    for depth in range(1, min(max_depth, ranks.shape[1]) + 1):
+        for top_k in range(1, max_top_k + 1):
+            draft = level_ms(2) + depth * level_ms(top_k)
+            for n, (widths, tau) in enumerate(best_widths(ranks, depth, top_k, max_total), start=1):
+                if widths[-1] == 0 or max(widths) < top_k:  # shallower or narrower: another (D, k) covers it
+                    continue
+                verify = verify_ms(n + 1)
+                speed = 1e3 * tau / (draft + verify)
+                key = (round(speed, 6), -n, -depth, -top_k)
+                if best is None or key > best[0]:
+                    best = (key, TreeConfig(depth=depth, top_k=top_k, total_tokens=n), tau, speed, draft, verify)
+    _, tree, tau, speed, draft, verify = best
+    reason = (f"measured: depth {tree.depth}, top-k {tree.top_k}, {tree.total_tokens} nodes maximise expected "
+              f"tokens/s ({tau:.2f} tokens per {draft + verify:.0f} ms round)")
+    return TreeChoice(tree, tau, speed, draft, verify, reason)
+
+
+def interpolate(points: dict[int, float]) -> Callable[[int], float]:
+    """Piecewise-linear cost curve through measured (size, ms) points, extended flat-slope past the ends."""
+    sizes = sorted(points)
+    values = [points[s] for s in sizes]
+
+    def cost(n: int) -> float:
+        if len(sizes) == 1:
+            return values[0]
+        if n >= sizes[-1]:
+            slope = (values[-1] - values[-2]) / (sizes[-1] - sizes[-2])
+            return values[-1] + slope * (n - sizes[-1])
+        return float(np.interp(n, sizes, values))
+
+    return cost
