@@ -23,8 +23,9 @@ import gradio as gr
 
 from nanospec_core import ui
 from nanospec_core.compare import RunTrace, compare_runs, first_difference, top2_margin
-from nanospec_core.config import GenerationConfig
+from nanospec_core.config import METHODS, GenerationConfig
 from nanospec_core.errors import NanoSpecError
+from nanospec_core.machine import on_zero_gpu
 from nanospec_core.models.loading import PACKAGED, model_key
 from nanospec_core.session import Session, shipped_head_dir
 
@@ -108,8 +109,10 @@ class SessionCache:
             started = time.perf_counter()
             session = Session(model, dtype=dtype, device="auto", head=self.head_for(model))
             session.head  # load the draft head now: a bad head fails here, not mid-run
-            print(f"nanospec app: {session.runtime.describe()}; tree {vars(session.tree_choice().tree)} "
-                  f"({session.tree_choice().reason})", flush=True)
+            print(f"nanospec app: {session.runtime.describe()}", flush=True)
+            if not on_zero_gpu():  # measuring the tree runs kernels: on ZeroGPU only inside @spaces.GPU calls
+                choice = session.tree_choice()
+                print(f"nanospec app: tree {vars(choice.tree)} ({choice.reason})", flush=True)
             self.sessions[(model, dtype)] = session
             while len(self.sessions) > self.size:
                 self.sessions.popitem(last=False)
@@ -239,10 +242,8 @@ def question_categories() -> list[str]:
 
 def benchmark(categories, limit, max_new_tokens, methods, model, *settings, progress=gr.Progress()):
     """A small Spec-Bench run through nanospec_core.bench: its markdown tables and two charts."""
-    try:
-        from nanospec_core.bench import load_questions, run_benchmark
-    except ImportError as error:
-        raise gr.Error(f"the benchmark runner is not available ({error})") from None
+    from nanospec_core.bench import load_questions, run_benchmark
+
     values = {name: value for name, value in zip(SETTINGS, settings)}
     values["max_new_tokens"] = max_new_tokens
     precision = settings[len(SETTINGS)] if len(settings) > len(SETTINGS) else None
@@ -280,8 +281,9 @@ def empty_charts() -> dict:
 def build_app(banner: str = "", session: Session | None = None) -> gr.Blocks:
     """The Blocks app; `session` (the default model's) sets the tree sliders to its measured tree choice."""
     charts = empty_charts()
-    tree = vars(session.tree_choice().tree) if session is not None else {}
-    tree_info = session.tree_choice().reason if session is not None else None
+    measured = session is not None and not on_zero_gpu()  # ZeroGPU: no kernels outside @spaces.GPU calls
+    tree = vars(session.tree_choice().tree) if measured else {}
+    tree_info = session.tree_choice().reason if measured else None
     with gr.Blocks(title="NanoSpec: speculative decoding with a tiny vocabulary", analytics_enabled=False) as demo:
         gr.Markdown("# NanoSpec\nEAGLE-2 speculative decoding whose draft head scores only the few hundred to few "
                     "thousand token ids **of this context** instead of the whole vocabulary. Training-free, lossless "
@@ -348,7 +350,7 @@ def build_app(banner: str = "", session: Session | None = None) -> gr.Blocks:
                 with gr.Column():
                     bench_limit = gr.Slider(1, 5, value=1, step=1, label="prompts per category")
                     bench_tokens = gr.Slider(8, 256, value=64, step=8, label="max new tokens")
-                    bench_methods = gr.CheckboxGroup(["vanilla", "hf", "eagle", "static", "nanospec"],
+                    bench_methods = gr.CheckboxGroup(list(METHODS),
                                                      value=["eagle", "nanospec"], label="methods (first = baseline)")
             run_bench = gr.Button("Run benchmark", variant="primary", interactive=bool(categories))
             bench_table = gr.Markdown()
@@ -379,7 +381,8 @@ def warm_up(session: Session) -> None:
 def main() -> None:
     try:
         session = SESSIONS.get(MODEL)
-        warm_up(session)
+        if not on_zero_gpu():  # on ZeroGPU the GPU exists only inside the decorated calls
+            warm_up(session)
     except NanoSpecError as error:
         sys.exit(f"nanospec app: {error}")
     banner = SESSIONS.notes.get(MODEL, "")

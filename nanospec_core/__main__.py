@@ -10,56 +10,9 @@ import json
 import os
 import sys
 
+from .cli_args import add_decode_args, add_model_args, decode_configs
+from .config import METHODS
 from .errors import NanoSpecError
-
-
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="embedded", help="embedded | qwen2.5-coder-1.5b | hub id | local folder")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                        help="auto = the fastest measured on this machine (cached); float32 = exact greedy equality "
-                             "with plain decoding (bf16 can flip near-ties)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA where there is a GPU, else cpu) | cpu | cuda")
-    parser.add_argument("--head", default=None, help="EAGLE head: folder | hub id | random (default: shipped head)")
-
-
-def add_decode_args(parser: argparse.ArgumentParser) -> None:
-    """Tree and vocabulary knobs shared by generate and bench (defaults from the config dataclasses)."""
-    from .config import TreeConfig, VocabConfig
-
-    vocab = VocabConfig()
-    parser.add_argument("--tree-preset", default=None, choices=["cpu", "deep", "gpu", "chain"])
-    measured = "default: the tree of highest expected tokens/s measured on this machine for the head"
-    parser.add_argument("--depth", type=int, default=None, help=measured)
-    parser.add_argument("--top-k", type=int, default=None, help=measured)
-    parser.add_argument("--total-tokens", type=int, default=None, help=measured)
-    parser.add_argument("--static-k", type=int, default=vocab.static_k)
-    parser.add_argument("--capacity", type=int, default=vocab.capacity)
-    parser.add_argument("--prompt-topk", type=int, default=vocab.prompt_topk)
-    parser.add_argument("--node-topk", type=int, default=vocab.node_topk)
-    parser.add_argument("--static-core", type=int, default=vocab.static_core)
-    parser.add_argument("--fallback-threshold", type=float, default=vocab.fallback_threshold)
-
-
-def decode_configs(args, session=None):
-    """(TreeConfig, VocabConfig) from the flags. The tree: a preset, else the session's measured choice (or the
-    fallback default without a session) with every tree flag the user gave taking precedence."""
-    from dataclasses import replace
-
-    from .config import TreeConfig, VocabConfig
-
-    if args.tree_preset:
-        tree = TreeConfig.preset(args.tree_preset)
-    else:
-        tree = session.tree_choice().tree if session is not None else TreeConfig()
-        given = {name: getattr(args, name) for name in ("depth", "top_k", "total_tokens")
-                 if getattr(args, name) is not None}
-        tree = replace(tree, **given)
-    if not (1 <= tree.depth <= 16 and 1 <= tree.top_k <= 64 and 1 <= tree.total_tokens <= 256):
-        raise NanoSpecError("tree settings out of range: depth 1..16, top-k 1..64, total-tokens 1..256")
-    vocab = VocabConfig(static_k=args.static_k, capacity=args.capacity, prompt_topk=args.prompt_topk,
-                        node_topk=args.node_topk, static_core=args.static_core,
-                        fallback_threshold=args.fallback_threshold)
-    return tree, vocab
 
 
 def cmd_generate(args) -> int:
@@ -156,8 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="decode one prompt")
     add_model_args(gen)
-    gen.add_argument("--method", default="nanospec", choices=["vanilla", "hf", "hf-lookup", "eagle", "static",
-                                                               "nanospec"])
+    gen.add_argument("--method", default="nanospec", choices=list(METHODS))
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0)
@@ -170,22 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="Spec-Bench-format benchmark of several methods")
     add_model_args(bench)
     add_decode_args(bench)
-    try:
-        from .bench import add_arguments as bench_arguments, run as bench_run
-    except ImportError:  # the runner module is optional until it lands
-        bench_arguments = bench_run = None
-    if bench_arguments:
-        bench_arguments(bench)
-        bench.set_defaults(func=bench_run)
+    from .bench import add_arguments as bench_arguments, run as bench_run
+
+    bench_arguments(bench)
+    bench.set_defaults(func=bench_run)
 
     train = sub.add_parser("train-head", help="train an EAGLE-2 head for a target (CPU or GPU)")
-    try:
-        from .train_head import add_arguments as train_arguments, run as train_run
-    except ImportError:
-        train_arguments = train_run = None
-    if train_arguments:
-        train_arguments(train)
-        train.set_defaults(func=train_run)
+    from .train_head import add_arguments as train_arguments, run as train_run
+
+    train_arguments(train)
+    train.set_defaults(func=train_run)
 
     calib = sub.add_parser("calibrate-head", help="measure the head's acceptance per depth (the tree chooser's input)")
     add_model_args(calib)
@@ -223,8 +169,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not hasattr(args, "func"):
-        parser.error(f"command {args.command!r} is not available in this build")
     try:
         return args.func(args)
     except NanoSpecError as error:

@@ -246,7 +246,7 @@ def make_progress(progress, total: int):
 
 
 def check_methods(methods) -> list[str]:
-    from .session import METHODS
+    from .config import METHODS
 
     methods = list(methods)
     unknown = [m for m in methods if m not in METHODS]
@@ -356,7 +356,7 @@ def split_list(text: str | None) -> list[str] | None:
 def run(args) -> int:
     import sys
 
-    from .__main__ import decode_configs
+    from .cli_args import decode_configs
     from .session import Session
 
     questions = load_questions(args.questions, split_list(args.categories), args.limit)  # fail before loading

@@ -21,7 +21,7 @@ from typing import Iterator
 import torch
 
 from .config import GenerationConfig, TreeConfig, VocabConfig
-from .decoding.engine import Clock
+from .decoding.request import Clock
 from .metrics import RunSummary, StepStats, summarize
 
 DEFAULT_METHODS = ("eagle", "nanospec")  # left: plain EAGLE-2 (full-vocab draft lm head); right: EAGLE + NanoSpec

@@ -5,7 +5,7 @@ draft tree is shaped) and a VocabConfig (which rows of the lm head the draft hea
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -17,6 +17,36 @@ def resolve_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}: choose one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+# The one method registry the CLI, the benchmark and the app read: method -> its draft vocabulary policy (None for
+# the baselines without a draft). vanilla: our KV-cached loop; hf / hf-lookup: transformers generate (plain /
+# prompt lookup); eagle: EAGLE-2 with the full-vocabulary lm head; static: FR-Spec's frequency top-K; nanospec.
+METHODS = {"vanilla": None, "hf": None, "hf-lookup": None, "eagle": "full", "static": "static", "nanospec": "nanospec"}
+DRAFT_METHODS = {method: policy for method, policy in METHODS.items() if policy}
+
+
+# name: (low, high, integer?): the ONE table of setting bounds. The app's sliders and its API (ui.parse_settings)
+# and the CLI (cli_args.decode_configs) check against it.
+LIMITS = {
+    "max_new_tokens": (1, 1024, True),
+    "temperature": (0.0, 2.0, False),
+    "seed": (0, 2**31 - 1, True),
+    "depth": (1, 12, True),
+    "top_k": (1, 32, True),
+    "total_tokens": (1, 128, True),
+    "capacity": (64, 65536, True),
+    "prompt_topk": (0, 16, True),
+    "node_topk": (0, 16, True),
+    "static_core": (0, 32768, True),
+    "fallback_threshold": (0.0, 1.0, False),
+}
+
+
+def out_of_range(**values) -> list[str]:
+    """'name low..high' for every given setting outside LIMITS (an empty list when all are fine)."""
+    return [f"{name.replace('_', '-')} {LIMITS[name][0]}..{LIMITS[name][1]}" for name, value in values.items()
+            if not LIMITS[name][0] <= value <= LIMITS[name][1]]
 
 
 @dataclass
@@ -70,12 +100,3 @@ class VocabConfig:
     fallback_window: int = 8  # rounds in the rolling hit rate
     # dtype of the subset row buffer: 'auto' = the weight's, which the runtime probe chose as the fast one here
     buffer_dtype: str = "auto"
-
-
-@dataclass
-class ModelSpec:
-    name: str = "embedded"  # 'embedded', 'qwen2.5-coder-1.5b', a hub id or a local folder
-    dtype: str = "auto"  # the fastest measured on the device (machine.py); float32 for exactness checks
-    device: str = "auto"
-    head: str | None = None  # EAGLE head: a folder, hub id, 'random', or None = the model's shipped head
-    extra: dict = field(default_factory=dict)

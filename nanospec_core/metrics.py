@@ -12,7 +12,7 @@ Conventions (as in vLLM's spec-decode stats):
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 
 @dataclass
@@ -66,12 +66,9 @@ class RunSummary:
     tree_s: float = 0.0
     median_draft_ms: float | None = None
     fallback_rounds: int = 0
-    extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         data = asdict(self)
-        extra = data.pop("extra")
-        data.update(extra)
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in data.items()}
 
 

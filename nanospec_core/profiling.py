@@ -9,7 +9,7 @@ import statistics
 
 import torch
 
-from .decoding.engine import Clock
+from .decoding.request import Clock
 from .models.target import TargetModel
 
 

@@ -14,8 +14,9 @@ from typing import Iterator
 
 import torch
 
-from .config import GenerationConfig, TreeConfig, VocabConfig
-from .decoding.engine import Request, speculative_decode
+from .config import DRAFT_METHODS, METHODS, GenerationConfig, TreeConfig, VocabConfig
+from .decoding.engine import speculative_decode
+from .decoding.request import Request
 from .decoding.tree_choice import TreeChoice, choose_tree, interpolate, load_acceptance
 from .decoding.plain import hf_generate, plain_decode
 from .errors import NanoSpecError
@@ -24,8 +25,6 @@ from .machine import RuntimeChoice, choose_runtime
 from .models.loading import cache_dir, load_model, resolve_model_dir
 from .models.target import TargetModel
 
-METHODS = ("vanilla", "hf", "hf-lookup", "eagle", "static", "nanospec")
-DRAFT_METHODS = {"eagle": "full", "static": "static", "nanospec": "nanospec"}  # method -> vocabulary policy
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 PROMPT_LOOKUP_TOKENS = 10  # transformers' prompt-lookup decoding: candidate tokens copied from the prompt
 
@@ -84,7 +83,7 @@ class Session:
     def head(self):
         """The EAGLE head: --head if given, else the one shipped in assets/ for this model."""
         if self._head is None:
-            from .models.eagle import load_head
+            from .models.eagle_checkpoint import load_head
 
             source = self.head_source
             if source is None:

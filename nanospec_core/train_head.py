@@ -186,10 +186,10 @@ def plot_loss(csv_path: Path, png_path: Path) -> Path | None:
 
 
 def export(head, out: Path, extra: dict) -> None:
-    """bf16 head (config.json + model.safetensors) via eagle.save_head, written to a temp folder then swapped in."""
+    """bf16 head (config.json + model.safetensors) via eagle_checkpoint.save_head, written to a temp folder then swapped in."""
     import shutil
 
-    from .models.eagle import save_head
+    from .models.eagle_checkpoint import save_head
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -242,7 +242,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     from . import train_data
-    from .models.eagle import load_head, random_head
+    from .models.eagle import random_head
+    from .models.eagle_checkpoint import load_head
     from .models.loading import load_model
     from .models.target import TargetModel
 

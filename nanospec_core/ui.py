@@ -11,26 +11,12 @@ from dataclasses import dataclass
 import pandas as pd
 
 from .compare import RunTrace, first_difference
-from .config import GenerationConfig, TreeConfig, VocabConfig
+from .config import LIMITS, GenerationConfig, TreeConfig, VocabConfig
 from .errors import NanoSpecError
 
 MAX_PROMPT_CHARS = 4000
 MAX_MODEL_NAME_CHARS = 300
 
-# name: (low, high, integer?) -- the app's sliders use the same bounds, the API is checked against them
-LIMITS = {
-    "max_new_tokens": (1, 1024, True),
-    "temperature": (0.0, 2.0, False),
-    "seed": (0, 2**31 - 1, True),
-    "depth": (1, 12, True),
-    "top_k": (1, 32, True),
-    "total_tokens": (1, 128, True),
-    "capacity": (64, 65536, True),
-    "prompt_topk": (0, 16, True),
-    "node_topk": (0, 16, True),
-    "static_core": (0, 32768, True),
-    "fallback_threshold": (0.0, 1.0, False),
-}
 DEFAULTS = {"max_new_tokens": 128, "temperature": 0.0, "seed": 0, **vars(TreeConfig()),
             **{k: v for k, v in vars(VocabConfig()).items() if k in LIMITS}}
 

@@ -10,7 +10,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nanospec_core.errors import NanoSpecError
-from nanospec_core.models.eagle import Eagle2Head, Eagle3Head, default_aux_layers, load_head, random_head, save_head
+from nanospec_core.models.eagle import Eagle2Head, Eagle3Head, default_aux_layers, random_head
+from nanospec_core.models.eagle_checkpoint import load_head, save_head
 from nanospec_core.models.eagle_checkpoint import aux_layers_from
 from nanospec_core.models.target import TargetModel
 from tests.conftest import tiny_hf_model, tree_example

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from nanospec_core.config import GenerationConfig, TreeConfig, VocabConfig
-from nanospec_core.decoding.engine import Request, speculative_decode
+from nanospec_core.decoding.engine import speculative_decode
+from nanospec_core.decoding.request import Request
 from nanospec_core.decoding.plain import hf_generate, plain_decode
 from nanospec_core.metrics import summarize
 from nanospec_core.models.eagle import random_head

@@ -119,6 +119,18 @@ def test_an_overflowing_batch_ranks_a_repeated_id_by_its_last_occurrence(weight)
     head.check_invariants()
 
 
+def test_an_overflowing_batch_keeps_a_new_last_id_over_present_earlier_ones(weight):
+    # Found by hypothesis (policy level): present node-top-k ids fill the capacity, then a committed id that is
+    # new arrives last in the same batch; it must be kept and an earlier present id make room for it.
+    head = SubsetLMHead(weight, capacity=4)
+    head.add(torch.tensor([7]), pinned=True)
+    head.add(torch.tensor([1, 2, 3]))
+    head.tick()
+    head.add(torch.tensor([1, 2, 3, 0]))  # 1, 2, 3 present (earlier in the batch), 0 new and last
+    assert sorted(active_ids(head).tolist()) == [0, 2, 3, 7]
+    head.check_invariants()
+
+
 def test_evicted_slots_score_minus_inf_and_are_reused_first(weight):
     head = SubsetLMHead(weight, capacity=8)
     head.add(torch.arange(6))

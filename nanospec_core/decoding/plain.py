@@ -11,7 +11,7 @@ import torch
 
 from ..metrics import StepStats
 from ..models.target import TargetModel
-from .engine import Clock, Request, choose, clip_tokens
+from .request import Clock, Request, choose, clip_tokens
 
 
 def plain_decode(target: TargetModel, request: Request) -> Iterator[StepStats]:

@@ -16,8 +16,10 @@ under the right parent at depth d holds the path to depth d where ranks[p][j] < 
 
 EAGLE-2 spends its N nodes where the head's cumulative probability is highest; we give the widths the same
 treatment with the measured probabilities: add nodes one at a time where they raise E[committed] most, at most
-k per depth, ancestor-closed. That places every node under the right parent, so E[committed] is an upper bound
-for a real tree, whose nodes also sit under wrong parents; docs/results.md compares it with measured tau.
+k per depth, ancestor-closed. Two simplifications pull opposite ways: every node is placed under the right
+parent (a real tree also spends nodes under wrong ones: optimistic), and the shape is fixed for every round while
+EAGLE-2 reshapes it per round from the head's confidence (pessimistic). So the model ranks trees; its tau is an
+estimate, which docs/results.md sets next to the measured one (on the Zen 4 EPYC it was 6-8% high).
 
     >>> ranks = [[0, 0], [0, 1], [1, 0], [3, 3]]        # 4 positions, depth 2
     >>> round(expected_committed(ranks, (1, 1)), 2), round(expected_committed(ranks, (2, 2)), 2)
@@ -130,7 +132,8 @@ def choose_tree(ranks: np.ndarray, verify_ms: Callable[[int], float], level_ms: 
                 speed = 1e3 * tau / (draft + verify)
                 key = (round(speed, 6), -n, -depth, -top_k)
                 if best is None or key > best[0]:
-                    best = (key, TreeConfig(depth=depth, top_k=top_k, total_tokens=n), tau, speed, draft, verify)
+                    best = (key, TreeConfig(depth=depth, top_k=top_k, total_tokens=n), float(tau), float(speed),
+                            float(draft), float(verify))
     _, tree, tau, speed, draft, verify = best
     reason = (f"measured: depth {tree.depth}, top-k {tree.top_k}, {tree.total_tokens} nodes maximise expected "
               f"tokens/s ({tau:.2f} tokens per {draft + verify:.0f} ms round)")

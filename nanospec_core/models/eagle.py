@@ -22,7 +22,6 @@ modeling_llama_kv.py records the inputs of layers 2, L // 2 and L - 3; SpecForge
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -276,17 +275,3 @@ def random_head(target: TargetModel, kind: str = "eagle2", seed: int = 0) -> Dra
         torch.manual_seed(seed)
         return classes[kind](target)
 
-
-def load_head(source: str, target: TargetModel) -> DraftHead:
-    """Load an EAGLE-2 / EAGLE-3 head from a folder or a hub id ('random' = random_head); see eagle_checkpoint."""
-    from .eagle_checkpoint import load_head as load
-
-    return load(source, target)
-
-
-def save_head(head: DraftHead, folder: str | Path, extra_config: dict | None = None,
-              dtype: torch.dtype = torch.bfloat16) -> None:
-    """Write config.json + model.safetensors in the EAGLE-2 / EAGLE-3 layouts load_head reads."""
-    from .eagle_checkpoint import save_head as save
-
-    save(head, folder, extra_config, dtype)

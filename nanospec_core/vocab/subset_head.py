@@ -167,21 +167,26 @@ class SubsetLMHead:
             return 0
         # Compact the new ids to the front, keeping their order: stable argsort of "not new".
         new_pos = torch.argsort((~is_new).to(torch.int32), stable=True)[:num_new]
-        limit = self.capacity - self.num_pinned - num_present
-        if num_new > limit:  # never for pinned adds (checked above)
-            # Keep the ids whose LAST occurrence in the batch comes latest: an id drafted early in the batch and
-            # committed at its end ranks as committed. Per sorted run of equal ids, the largest original index:
+        protect = ids
+        if num_new > self.capacity - self.num_pinned - num_present:  # never for pinned adds (checked above)
+            # The batch alone overflows: keep the capacity's worth of its unpinned ids, new OR already present,
+            # whose LAST occurrence comes latest (callers put committed ids last; an id drafted early in the
+            # batch and committed at its end ranks as committed). Present ids that lose lose their protection.
             run = torch.cumsum(first_sorted.to(torch.long), 0) - 1
             last_at = torch.zeros_like(order).scatter_reduce_(0, run, order, "amax")
             key = torch.empty_like(order).scatter_(0, order, last_at[run])  # per position: its id's last index
-            new_pos = new_pos[torch.argsort(key[new_pos], stable=True)]
-            new_pos, num_new = new_pos[num_new - limit:], limit
+            candidates = (is_new | present).nonzero().squeeze(1)
+            room = self.capacity - self.num_pinned
+            kept = candidates[torch.argsort(key[candidates], stable=True)][max(0, candidates.numel() - room):]
+            protect = ids[kept]
+            new_pos = kept[is_new[kept]]
+            num_new = int(new_pos.numel())
             if num_new == 0:
                 return 0
         new_ids = ids[new_pos]
         overflow = num_new - (self.capacity - self.size)
         if overflow > 0:
-            self.evict(overflow, protect=ids)
+            self.evict(overflow, protect=protect)
         slots = self._take_slots(num_new)
         self.slot_ids[slots] = new_ids
         self._slot_of[new_ids] = slots
