@@ -101,7 +101,7 @@ class RuntimeChoice:
         name = SHORT.get(self.dtype, self.dtype)
         where = "this GPU" if self.device == "cuda" else "this CPU"
         if self.source == "given":
-            line = f"{name} as asked" + (" (exact greedy equality)" if self.dtype == "float32" else "")
+            line = f"{name} as asked, on {where}" + (" (exact greedy equality)" if self.dtype == "float32" else "")
         elif self.speedup is not None and self.runner_up:
             verb = "measured" if self.source == "measured" else "measured earlier"
             other = SHORT.get(self.runner_up, self.runner_up)
