@@ -16,6 +16,7 @@ excluded, so none was trained on. Never Spec-Bench.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import numpy as np
@@ -105,6 +106,7 @@ def run(args) -> int:
             "dtype": session.runtime.dtype, "machine": session.runtime.machine, "prompts": len(prompts),
             "max_new_tokens": args.max_new_tokens, "rank_cap": RANK_CAP, "wall_s": round(time.time() - started)}
     path = save_acceptance(out, ranks, info)
+    summary = json.loads(path.read_text())["summary"]
     print(f"{path}: {ranks.shape[0]} positions, depth {ranks.shape[1]}; top-1 per depth given the chain: "
-          + ", ".join(f"{float((ranks[(ranks[:, :d] == 0).all(1), d] == 0).mean()):.3f}" for d in range(ranks.shape[1])))
+          + ", ".join(f"{value:.3f}" for value in summary.values()))
     return 0

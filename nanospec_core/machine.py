@@ -243,14 +243,16 @@ def _cache_file() -> Path:
     return cache_dir() / "machine.json"
 
 
-def _read_cache(path: Path) -> dict:
+def read_cache(path: Path) -> dict:
+    """A JSON cache file's entries ({} when absent or unreadable)."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
 
 
-def _write_cache(path: Path, entries: dict) -> None:
+def write_cache(path: Path, entries: dict) -> None:
+    """Write a JSON cache atomically (temp file + rename); a read-only cache is not an error."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         temp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -281,7 +283,7 @@ def choose_runtime(hf_config, device: str = "auto", dtype: str = "auto", probe: 
     key = f"{machine} | {os.cpu_count()} cores | torch {torch.__version__} | {device} | {shapes.key()} | " \
           f"{','.join(dtypes)} | {','.join(layouts)} | rows 1,{PROBE_ROWS}"
     path = _cache_file() if cache is True else (Path(cache) if cache else None)
-    entries = _read_cache(path) if path else {}
+    entries = read_cache(path) if path else {}
     if key in entries:
         choice = RuntimeChoice(**{**entries[key], "source": "cached" if dtype == "auto" else "given"})
         return choice
@@ -293,5 +295,5 @@ def choose_runtime(hf_config, device: str = "auto", dtype: str = "auto", probe: 
                            probe_s=time.perf_counter() - started, machine=machine, costs=costs, **decision)
     if path:
         entries[key] = {k: v for k, v in asdict(choice).items() if k != "source"}
-        _write_cache(path, entries)
+        write_cache(path, entries)
     return choice

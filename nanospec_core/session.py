@@ -111,25 +111,17 @@ class Session:
         return self._tree_choice
 
     def _tree_costs(self) -> dict[str, dict[int, float]]:
-        import json
-
+        from .machine import read_cache, write_cache
         from .profiling import tree_costs
 
         r = self.runtime
         key = (f"{r.machine} | torch {torch.__version__} | {r.device} | {self.loaded.key} | {r.dtype} | "
                f"{r.backbone_layout},{r.head_layout} | head {self._head_dir}")
         path = cache_dir() / "tree_costs.json"
-        try:
-            entries = json.loads(path.read_text())
-        except (OSError, ValueError):
-            entries = {}
+        entries = read_cache(path)
         if key not in entries:
             entries[key] = tree_costs(self.target, self.head)
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(entries, indent=1))
-            except OSError:
-                pass
+            write_cache(path, entries)
         return {part: {int(n): ms for n, ms in curve.items()} for part, curve in entries[key].items()}
 
     @property
