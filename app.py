@@ -27,7 +27,8 @@ from nanospec_core.config import METHODS, GenerationConfig
 from nanospec_core.errors import NanoSpecError
 from nanospec_core.machine import on_zero_gpu
 from nanospec_core.models.loading import PACKAGED, model_key
-from nanospec_core.session import Session, shipped_head_dir
+from nanospec_core.paths import shipped_head_dir
+from nanospec_core.session import Session
 
 try:  # Hugging Face ZeroGPU Spaces: request a GPU for the generation function; a no-op everywhere else
     import spaces
@@ -233,7 +234,7 @@ def compare(prompt: str, model: str = MODEL, max_new_tokens=D["max_new_tokens"],
 
 def question_categories() -> list[str]:
     try:
-        from nanospec_core.bench import load_questions
+        from nanospec_core.bench.runner import load_questions
 
         return list(dict.fromkeys(q.category for q in load_questions(QUESTIONS)))
     except Exception:  # noqa: BLE001 - the tab explains what is missing
@@ -241,8 +242,8 @@ def question_categories() -> list[str]:
 
 
 def benchmark(categories, limit, max_new_tokens, methods, model, *settings, progress=gr.Progress()):
-    """A small Spec-Bench run through nanospec_core.bench: its markdown tables and two charts."""
-    from nanospec_core.bench import load_questions, run_benchmark
+    """A small Spec-Bench run through nanospec_core.bench.runner: its markdown tables and two charts."""
+    from nanospec_core.bench.runner import load_questions, run_benchmark
 
     values = {name: value for name, value in zip(SETTINGS, settings)}
     values["max_new_tokens"] = max_new_tokens

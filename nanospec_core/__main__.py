@@ -1,4 +1,4 @@
-"""Command line: python -m nanospec_core {generate | bench | train-head | prepare | microbench} ...
+"""Command line: python -m nanospec_core {generate | bench | train-head | calibrate-head | export-head | prepare | ...}
 
 Errors end the process with exit code 2 and one line on stderr (no traceback) for bad arguments, unknown models
 and bad files.
@@ -51,7 +51,7 @@ def cmd_prepare(args) -> int:
 
 def cmd_microbench(args) -> int:
     from .config import resolve_dtype
-    from .vocab.subset_head import microbench
+    from .bench.microbench import microbench
 
     dtype = resolve_dtype(args.dtype)
     print(f"dtype {str(dtype).removeprefix('torch.')}, {args.rows} hidden rows per call, H 896, V 151,936")
@@ -82,9 +82,9 @@ def cmd_locality(args) -> int:
     """Replay a benchmark's greedy outputs and rank active-vocabulary sources by coverage per active token."""
     import pandas as pd
 
-    from .bench import DEFAULT_QUESTIONS, load_questions, markdown
+    from .bench.runner import DEFAULT_QUESTIONS, load_questions, markdown
     from .session import Session
-    from .vocab.locality import Sources, compare_sources, record
+    from .bench.locality import Sources, compare_sources, record
 
     records = pd.read_json(args.records, lines=True)
     records = records[records["method"] == records["method"].iloc[0]]
@@ -100,6 +100,18 @@ def cmd_locality(args) -> int:
     rows = compare_sources(replays, candidates, core, sorted(session.stop_ids))
     print(f"{len(replays)} outputs, {sum(len(r.ids) - r.prompt_len for r in replays)} tokens")
     print(markdown(pd.DataFrame(rows).round(3)))
+    return 0
+
+
+def cmd_export_head(args) -> int:
+    """The model's head (--head, default the shipped one) -> the public EAGLE-3 checkpoint layout, lm head included."""
+    from .models.eagle_checkpoint import export_checkpoint
+    from .session import Session
+
+    session = Session(args.model, dtype=args.dtype, device=args.device, head=args.head)
+    folder = export_checkpoint(session.head, args.out)
+    print(f"{folder}: EAGLE-3 head for {session.loaded.key} (aux layers {list(session.head.aux_layers)}, "
+          f"draft vocabulary {session.head.draft_vocab_size})")
     return 0
 
 
@@ -122,23 +134,28 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="Spec-Bench-format benchmark of several methods")
     add_model_args(bench)
     add_decode_args(bench)
-    from .bench import add_arguments as bench_arguments, run as bench_run
+    from .bench.runner import add_arguments as bench_arguments, run as bench_run
 
     bench_arguments(bench)
     bench.set_defaults(func=bench_run)
 
-    train = sub.add_parser("train-head", help="train an EAGLE-2 head for a target (CPU or GPU)")
-    from .train_head import add_arguments as train_arguments, run as train_run
+    train = sub.add_parser("train-head", help="train an EAGLE-3 (or EAGLE-2) head on the target's own answers")
+    from .training.trainer import add_arguments as train_arguments, run as train_run
 
     train_arguments(train)
     train.set_defaults(func=train_run)
 
     calib = sub.add_parser("calibrate-head", help="measure the head's acceptance per depth (the tree chooser's input)")
     add_model_args(calib)
-    from .calibrate import add_arguments as calibrate_arguments, run as calibrate_run
+    from .training.calibrate import add_arguments as calibrate_arguments, run as calibrate_run
 
     calibrate_arguments(calib)
     calib.set_defaults(func=calibrate_run)
+
+    export = sub.add_parser("export-head", help="write an EAGLE-3 head in the public layout vLLM and SGLang load")
+    add_model_args(export)
+    export.add_argument("--out", required=True, help="folder for config.json + model.safetensors")
+    export.set_defaults(func=cmd_export_head)
 
     prep = sub.add_parser("prepare", help="build the static frequency table from ShareGPT for a model's tokenizer")
     prep.add_argument("--model", default="embedded")

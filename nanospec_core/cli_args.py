@@ -16,7 +16,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="auto = the fastest measured on this machine (cached); float32 = exact greedy equality "
                              "with plain decoding (bf16 can flip near-ties)")
     parser.add_argument("--device", default="auto", help="auto (CUDA where there is a GPU, else cpu) | cpu | cuda")
-    parser.add_argument("--head", default=None, help="EAGLE head: folder | hub id | random (default: shipped head)")
+    parser.add_argument("--head", default=None,
+                        help="EAGLE head: folder | hub id | random | eagle3 | eagle2 (the shipped head of that kind; "
+                             "default: the shipped EAGLE-3 head, else EAGLE-2)")
 
 
 def add_decode_args(parser: argparse.ArgumentParser) -> None:

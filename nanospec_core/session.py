@@ -24,13 +24,9 @@ from .metrics import RunSummary, StepStats, summarize
 from .machine import RuntimeChoice, choose_runtime
 from .models.loading import cache_dir, load_model, resolve_model_dir
 from .models.target import TargetModel
+from .paths import HEAD_KINDS, shipped_head_dir
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
 PROMPT_LOOKUP_TOKENS = 10  # transformers' prompt-lookup decoding: candidate tokens copied from the prompt
-
-
-def shipped_head_dir(model_key: str) -> Path:
-    return ASSETS / "heads" / model_key
 
 
 @dataclass
@@ -81,20 +77,27 @@ class Session:
     # --- lazily loaded parts -----------------------------------------------------------------------------
     @property
     def head(self):
-        """The EAGLE head: --head if given, else the one shipped in assets/ for this model."""
+        """The EAGLE head: --head if given ('eagle3' / 'eagle2': the shipped head of that kind), else the default
+        one shipped in assets/ for this model."""
         if self._head is None:
             from .models.eagle_checkpoint import load_head
 
             source = self.head_source
-            if source is None:
-                shipped = shipped_head_dir(self.loaded.key)
+            if source is None or source in HEAD_KINDS:
+                shipped = shipped_head_dir(self.loaded.key, source)
                 if not (shipped / "config.json").exists():
-                    raise NanoSpecError(f"no EAGLE head ships for model {self.model_name!r}: "
-                                        "pass --head PATH|hub-id|random")
+                    raise NanoSpecError(f"no {source or 'EAGLE'} head ships for model {self.model_name!r}: "
+                                        f"pass --head PATH|hub-id|random|{'|'.join(HEAD_KINDS)}")
                 source = str(shipped)
             self._head = load_head(source, self.target)
             self._head_dir = Path(source) if Path(source).is_dir() else None
         return self._head
+
+    @property
+    def head_dir(self) -> Path | None:
+        """The folder the head was loaded from (None for a hub id or 'random'); loads the head."""
+        self.head  # noqa: B018 (loads it)
+        return self._head_dir
 
     def tree_choice(self) -> TreeChoice:
         """The default draft tree: the one of highest expected tokens/s from this machine's measured verify and

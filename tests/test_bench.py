@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from nanospec_core.bench import BenchResult, first_difference, load_questions, record, run_benchmark
+from nanospec_core.bench.runner import BenchResult, first_difference, load_questions, record, run_benchmark
 from nanospec_core.compare import top2_margin
 from nanospec_core.config import GenerationConfig
 from nanospec_core.errors import NanoSpecError
@@ -71,7 +71,7 @@ def test_load_questions_rejects_unknown_category_and_bad_limit(tmp_path):
 
 
 def test_spec_bench_file_loads_when_present():
-    from nanospec_core.bench import DEFAULT_QUESTIONS
+    from nanospec_core.bench.runner import DEFAULT_QUESTIONS
 
     if not DEFAULT_QUESTIONS.is_file():
         pytest.skip("shared Spec-Bench data not present")
@@ -119,7 +119,7 @@ def fake_result(method, tokens, accepted=(), draft_ms=0.0):
 
 def test_a_divergent_record_carries_the_first_position_and_the_reference_margin(tiny_target):
     _, target = tiny_target
-    from nanospec_core.bench import Question
+    from nanospec_core.bench.runner import Question
 
     prompt = torch.tensor([5, 9, 200, 31])
     reference = fake_result("vanilla", [10, 11, 12, 13], accepted=(1, 1, 1))
@@ -246,7 +246,7 @@ def test_bench_cli_reports_a_bad_category_without_loading_a_model(tmp_path, caps
 
 
 def test_resume_skips_finished_prompts_and_drops_half_finished_ones(tmp_path):
-    from nanospec_core.bench_store import write_rows
+    from nanospec_core.bench.store import write_rows
 
     questions = load_questions(write_questions(tmp_path / "q.jsonl"), limit=1)
     saved = []
@@ -259,7 +259,7 @@ def test_resume_skips_finished_prompts_and_drops_half_finished_ones(tmp_path):
     write_rows(rows + [half], first.config, tmp_path / "run")  # the third prompt got through vanilla only
 
     session = ScriptedSession()
-    from nanospec_core.bench_store import load_previous
+    from nanospec_core.bench.store import load_previous
     previous = load_previous(tmp_path / "run", first.config)
     result = run_benchmark(session, questions, ["vanilla", "eagle"], GenerationConfig(max_new_tokens=10),
                            progress=False, previous=previous)
@@ -270,7 +270,7 @@ def test_resume_skips_finished_prompts_and_drops_half_finished_ones(tmp_path):
 
 
 def test_resume_refuses_a_run_with_other_settings(tmp_path):
-    from nanospec_core.bench_store import load_previous, write_rows
+    from nanospec_core.bench.store import load_previous, write_rows
 
     write_rows([{"question_id": 1, "category": "qa", "method": "eagle"}], {"max_new_tokens": 128, "tree": {"depth": 3}},
                tmp_path)

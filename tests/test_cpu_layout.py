@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from nanospec_core.models.cpu_layout import (add_column_major_copy, apply_layout, column_major_linears,
-                                             column_major_lm_head, matmul_weight)
+                                             matmul_weight, patch_lm_head)
 
 
 def test_column_major_linears_keep_values_and_outputs():
@@ -40,7 +40,7 @@ def test_hf_lm_head_uses_the_shared_copy_and_keeps_its_tied_weight():
     model = Qwen2ForCausalLM(config).eval()
     ids = torch.tensor([[1, 5, 9, 2]])
     before = model(ids).logits
-    assert column_major_lm_head(model)
+    assert patch_lm_head(model, column=True)
     weight = model.lm_head.weight
     assert weight is model.model.embed_tokens.weight and weight.is_contiguous()  # still tied, rows intact
     torch.testing.assert_close(model(ids).logits, before)
@@ -48,6 +48,26 @@ def test_hf_lm_head_uses_the_shared_copy_and_keeps_its_tied_weight():
     with torch.no_grad():
         matmul_weight(weight).mul_(2)  # only the copy changes: the head's output must follow it
         torch.testing.assert_close(model.lm_head(hidden), 2 * hidden @ weight.T)
+
+
+def test_hf_lm_head_multiplies_a_contiguous_input(monkeypatch):
+    """generate's prefill hands the lm head hidden[:, -1:, :]; a strided 3-D input makes the CPU F.linear copy the
+    weight once per batch row, so the patched head must make it contiguous (same values)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from nanospec_core.models import cpu_layout
+
+    config = Qwen2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = Qwen2ForCausalLM(config).eval()
+    assert patch_lm_head(model, column=False)
+    seen, linear = [], cpu_layout.F.linear
+    monkeypatch.setattr(cpu_layout.F, "linear", lambda x, w, b=None: seen.append(x.is_contiguous()) or linear(x, w, b))
+    strided = torch.randn(4, 7, 32)[:, -1:, :]
+    assert not strided.is_contiguous()
+    out = model.lm_head(strided)
+    assert seen == [True]
+    torch.testing.assert_close(out, strided @ model.lm_head.weight.T)
 
 
 def test_apply_layout_row_is_a_no_op_and_column_converts_both_parts():

@@ -1,5 +1,5 @@
 """The offline locality replay: a token is covered only by information from earlier positions."""
-from nanospec_core.vocab.locality import Replay, Sources, compare_sources, coverage
+from nanospec_core.bench.locality import Replay, Sources, compare_sources, coverage
 
 
 def replay():

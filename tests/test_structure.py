@@ -60,8 +60,21 @@ def test_no_import_circles():
 
 def test_the_graph_sees_lazy_imports():
     edges = graph()
-    assert "nanospec_core.session" in edges["nanospec_core.bench"]  # imported inside run()
+    assert "nanospec_core.session" in edges["nanospec_core.bench.runner"]  # imported inside run()
     assert "nanospec_core.models.eagle" in edges["nanospec_core.models.eagle_checkpoint"]
+
+
+TOOLING = ("nanospec_core.bench", "nanospec_core.training", "nanospec_core.__main__", "nanospec_core.cli_args")
+
+
+def test_the_runtime_never_imports_the_tooling():
+    """Benchmark and training code sit apart: a runtime module (what the app and a library user import) reaches
+    none of them, so they can grow without weighing on a decode."""
+    edges = graph()
+    runtime = [m for m in edges if not m.startswith(TOOLING)]
+    assert "nanospec_core.session" in runtime and "nanospec_core.decoding.engine" in runtime
+    leaks = {m: sorted(t for t in edges[m] if t.startswith(TOOLING)) for m in runtime}
+    assert not {m: t for m, t in leaks.items() if t}, leaks
 
 
 def test_no_file_is_much_over_400_lines():

@@ -4,8 +4,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanospec_core.vocab.subset_head import (SubsetLMHead, full_topk, microbench,
-                                              resolve_buffer_dtype)
+from nanospec_core.bench.microbench import microbench
+from nanospec_core.vocab.subset_head import SubsetLMHead, full_topk, resolve_buffer_dtype
 
 V, H = 5000, 64
 

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from nanospec_core import train_data
+from nanospec_core.training import data as train_data
 from nanospec_core.models.eagle import random_head
 from nanospec_core.models.eagle_checkpoint import load_head
 from nanospec_core.models.target import TargetModel
-from nanospec_core.train_head import export, load_checkpoint, train
-from nanospec_core.train_loss import evaluate, level_mask, unrolled
+from nanospec_core.training.trainer import export, load_checkpoint, train
+from nanospec_core.training.loss import evaluate, level_mask, unrolled
 
 from .conftest import tiny_hf_model
 

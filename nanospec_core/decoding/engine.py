@@ -20,17 +20,21 @@ import torch
 
 from ..config import TreeConfig
 from ..metrics import StepStats
+from ..models.eagle import DraftHead
 from ..models.target import TargetModel
-from .request import Clock, Request, choose, clip_tokens
+from ..vocab.policies import VocabPolicy
+from .host import read, to_device
+from .request import Request, Spans, choose, clip_tokens
 from .tree import DraftTree, build_tree
 from .verify import verify_greedy, verify_sampling
 
 
 @torch.inference_mode()  # wraps every step of the generator: no autograd graph (the head's weights require grad)
-def speculative_decode(target: TargetModel, head, policy, request: Request, tree_cfg: TreeConfig,
+def speculative_decode(target: TargetModel, head: DraftHead, policy: VocabPolicy, request: Request,
+                       tree_cfg: TreeConfig,
                        special_ids: torch.Tensor | None = None) -> Iterator[StepStats]:
     """Yield round 0 (prefill + first token), then one StepStats per draft/verify round until EOS or the limit."""
-    clock, device = Clock(target.device), target.device
+    spans, device = Spans(target.device), target.device
     generator = request.generator(device)
     prompt = request.prompt_ids.to(device)
     # committed tokens + the largest pending tail: a verified tree (target) or the fed draft levels (head)
@@ -38,7 +42,7 @@ def speculative_decode(target: TargetModel, head, policy, request: Request, tree
     target_cache, head_cache = target.new_cache(max_len), head.new_cache(max_len)
 
     # Prefill: every prompt position's features, and the target's top-k there to seed the active vocabulary.
-    t0 = clock()
+    t0 = spans.mark()
     out = target.forward(prompt, target_cache, aux_layers=head.aux_layers)
     target_cache.commit()
     root = choose(target.logits(out.hidden[-1:])[0], request, generator)
@@ -47,26 +51,26 @@ def speculative_decode(target: TargetModel, head, policy, request: Request, tree
     policy.begin(prompt, seed_topk, specials.to(device))
     tokens, done = clip_tokens([root], 0, request)
     produced = len(tokens)
-    yield StepStats(round=0, tokens=tokens, accepted=len(tokens), prefill_ms=(clock() - t0) * 1e3, finished=done)
+    spans.add("prefill", t0)
+    yield StepStats(round=0, tokens=tokens, accepted=len(tokens), prefill_ms=spans.resolve()["prefill"], finished=done)
 
-    pair_ids = torch.cat([prompt[1:], torch.tensor([root], device=device)])  # tokens x_{t+1} of the new pairs
+    pair_ids = torch.cat([prompt[1:], to_device([root], device)])  # tokens x_{t+1} of the new pairs
     pair_features = head.target_features(out)  # f_t, [P, F]
     round_index = 0
     while not done:
         round_index += 1
         stats = StepStats(round=round_index, tokens=[], accepted=0)
-        timers = {"backbone": 0.0, "lm_head": 0.0}
 
         def timed(name, fn):
             def wrapper(*args):
-                start = clock()
+                start = spans.mark()
                 result = fn(*args)
-                timers[name] += clock() - start
+                spans.add(name, start)
                 return result
             return wrapper
 
         # --- draft -------------------------------------------------------------------------------------
-        t_draft = clock()
+        t_draft = spans.mark()
         policy.prepare()  # launch the gather of rows added last round (async on CUDA, overlaps the backbone)
         absorb = timed("backbone", lambda ids, feats: head.forward(ids, feats, head_cache))
         hidden = absorb(pair_ids, pair_features)  # [pairs, H]
@@ -77,47 +81,48 @@ def speculative_decode(target: TargetModel, head, policy, request: Request, tree
         tree = build_tree(root_logp[0], root_ids[0], hidden[-1], step, topk, tree_cfg,
                           base_position=head_cache.length)
         head_cache.discard()  # draft levels are never committed: next round re-absorbs the verified pairs
-        draft_s = clock() - t_draft
+        spans.add("draft", t_draft)
 
         # --- verify ------------------------------------------------------------------------------------
-        t_verify = clock()
+        t_verify = spans.mark()
         acceptance, out, logits = verify_tree(target, target_cache, head, tree, root, request, generator)
-        verify_s = clock() - t_verify
+        spans.add("verify", t_verify)
 
         # --- commit + observe --------------------------------------------------------------------------
         committed, done = clip_tokens(acceptance.tokens, produced, request)
         produced += len(committed)
-        committed_ids = torch.tensor(committed, dtype=torch.long, device=device)
+        committed_ids = to_device(committed, device)
         hits = policy.contains(committed_ids)
-        path = torch.tensor(acceptance.path, dtype=torch.long, device=device)
+        path = to_device(acceptance.path, device)
         target_cache.commit(path)  # root + accepted nodes; the bonus token is the next root
         node_topk = logits.topk(policy.node_topk, dim=-1).indices if policy.node_topk else None
         policy.observe(tree.tokens.to(device), node_topk, committed_ids, hits)
-        pair_ids = torch.tensor(acceptance.tokens, dtype=torch.long, device=device)
+        pair_ids = to_device(acceptance.tokens, device)
         pair_features = head.target_features(out)[path]
         root = acceptance.bonus
 
-        gather_s = getattr(policy, "last_gather_s", 0.0)
+        ms = {"backbone": 0.0, "lm_head": 0.0, **spans.resolve()}
+        gather_ms = policy.last_gather_s * 1e3
         stats.tokens, stats.accepted, stats.tree_size, stats.finished = committed, len(committed), len(tree), done
         stats.active_vocab = policy.size
-        stats.hits = hits.tolist()
-        stats.origins = policy.origins(committed_ids) if hasattr(policy, "origins") else None
-        stats.fallback = bool(getattr(policy, "last_round_full", False))
-        stats.draft_ms, stats.verify_ms = draft_s * 1e3, verify_s * 1e3
-        stats.backbone_ms, stats.lm_head_ms = timers["backbone"] * 1e3, timers["lm_head"] * 1e3
-        stats.gather_ms = gather_s * 1e3
-        stats.tree_ms = max(0.0, (draft_s - timers["backbone"] - timers["lm_head"] - gather_s) * 1e3)
+        tags = policy.origin_tags(committed_ids)  # the round's statistics in one read
+        stats.hits, *host_tags = read(hits, *([tags] if tags is not None else []))
+        stats.origins = [policy.ORIGINS[t] for t in host_tags[0]] if host_tags else None
+        stats.fallback = policy.last_round_full
+        stats.draft_ms, stats.verify_ms = ms["draft"], ms["verify"]
+        stats.backbone_ms, stats.lm_head_ms, stats.gather_ms = ms["backbone"], ms["lm_head"], gather_ms
+        stats.tree_ms = max(0.0, ms["draft"] - ms["backbone"] - ms["lm_head"] - gather_ms)
         yield stats
 
 
-def verify_tree(target: TargetModel, cache, head, tree: DraftTree, root: int, request: Request, generator):
+def verify_tree(target: TargetModel, cache, head: DraftHead, tree: DraftTree, root: int, request: Request, generator):
     """Target forward over [root, nodes] with the tree mask, then greedy or lossless-sampling acceptance.
 
     Node i sits at position cache.length + depth(i): siblings share a position, as they would in their own
     sequence. Returns (Acceptance, TargetOutput, logits [n + 1, V] float32).
     """
     device = target.device
-    ids = torch.cat([torch.tensor([root], device=device), tree.tokens.to(device)])  # [n + 1]
+    ids = torch.cat([to_device([root], device), tree.tokens.to(device)])  # [n + 1]
     positions = cache.length + tree.position_offsets().to(device)
     out = target.forward(ids, cache, positions=positions, tree_mask=tree.verify_mask().to(device),
                          aux_layers=head.aux_layers)

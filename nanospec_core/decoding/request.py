@@ -12,7 +12,8 @@ from .verify import sample_token
 
 
 class Clock:
-    """Wall clock that synchronizes the device first, so GPU work is counted where it was issued."""
+    """Wall clock that synchronizes the device first, so GPU work is counted where it was issued: for whole runs
+    and cost curves. Inside a round the engine times with Spans, which never stalls the device."""
 
     def __init__(self, device: torch.device):
         cuda = torch.device(device).type == "cuda"
@@ -21,6 +22,40 @@ class Clock:
     def __call__(self) -> float:
         self._sync()
         return time.perf_counter()
+
+
+class Spans:
+    """Named time spans within one round. On CUDA each mark is an event recorded in the current stream (no host
+    wait); `resolve()` waits for the last mark once and reads every span. On the CPU marks are host times.
+
+        spans = Spans(device); start = spans.mark(); ...; spans.add("verify", start); ms = spans.resolve()
+    Spans of one name accumulate (the head's backbone runs once per tree level).
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.pending: list[tuple[str, object, object]] = []
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def add(self, name: str, start) -> None:
+        self.pending.append((name, start, self.mark()))
+
+    def resolve(self) -> dict[str, float]:
+        """Milliseconds per name (one device wait on CUDA); clears the spans."""
+        totals: dict[str, float] = {}
+        if self.pending and self.cuda:
+            self.pending[-1][2].synchronize()
+        for name, start, end in self.pending:
+            ms = start.elapsed_time(end) if self.cuda else (end - start) * 1e3
+            totals[name] = totals.get(name, 0.0) + ms
+        self.pending.clear()
+        return totals
 
 
 @dataclass

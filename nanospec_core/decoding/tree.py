@@ -1,4 +1,4 @@
-"""EAGLE-2 dynamic draft tree: expansion, layout, attention mask, retrieve paths.
+"""EAGLE-2 dynamic draft tree: expansion, layout, attention mask.
 
 Reference: Li et al., "EAGLE-2: Faster Inference of Language Models with Dynamic Draft Trees" (2024), sec. 4.
 The draft head's cumulative log-probability of a node approximates the chance that the target accepts the
@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from nanospec_core.config import TreeConfig
+from nanospec_core.decoding.host import read
 
 # step(token_ids [m], parent_hidden [m, H], position_ids [m], attn_mask [m, F+m] bool) -> hidden [m, H]
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -38,13 +39,15 @@ class DraftTree:
     parents: torch.Tensor  # [n] long: parent node index, -1 for children of the root
     depths: torch.Tensor  # [n] long: 1-based depth (children of the root are depth 1)
     scores: torch.Tensor  # [n] float32: cumulative draft log-prob of the path root -> node
+    depth_bound: int | None = None  # host-side upper bound on the depth (levels built); None: read it
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
 
     @property
     def max_depth(self) -> int:
-        return int(self.depths.max()) if len(self) else 0
+        """The deepest node's depth (a device read; the round itself uses depth_bound)."""
+        return read(self.depths.max())[0][0] if len(self) else 0
 
     def verify_parents(self) -> torch.Tensor:
         """[n+1] verify-space parent of every verify index; the root is its own parent (a fixed point)."""
@@ -60,7 +63,8 @@ class DraftTree:
         mask = torch.zeros(size, size, dtype=torch.bool, device=self.tokens.device)
         rows = torch.arange(size, device=self.tokens.device)
         ancestor = rows.clone()
-        for _ in range(self.max_depth + 1):
+        bound = self.depth_bound if self.depth_bound is not None else self.max_depth
+        for _ in range(bound + 1):  # extra steps are harmless: finished rows keep rewriting the root column
             mask[rows, ancestor] = True
             ancestor = parent_v[ancestor]  # the root maps to itself, so finished rows rewrite column 0
         return mask
@@ -69,40 +73,36 @@ class DraftTree:
         """[n+1] long: depth of every verify index (root 0); the target position is cache_len + offset."""
         return torch.cat([self.depths.new_zeros(1), self.depths])
 
+    def host_layout(self, *extra: torch.Tensor) -> tuple[list[int], list[int], list[list[int]], list[list]]:
+        """(tokens, parents, children, extra lists) in one device read: children[v] are verify index v's
+        children (0 = root), siblings by descending draft score; `extra` tensors ride along in the same read."""
+        order = torch.argsort(self.scores, descending=True, stable=True)
+        tokens, parents, order, *rest = read(self.tokens, self.parents, order, *extra)
+        return tokens, parents, children_of(parents, order), rest
+
     def children(self) -> list[list[int]]:
         """Verify-space children of every verify index (0 = root), siblings by descending draft score."""
-        kids: list[list[int]] = [[] for _ in range(len(self) + 1)]
-        parents = self.parents.tolist()
-        for node in torch.argsort(self.scores, descending=True, stable=True).tolist():
-            kids[parents[node] + 1].append(node + 1)
-        return kids
-
-    def retrieve_paths(self) -> torch.Tensor:
-        """[num_leaves, max_depth+1] long: verify-space root-to-leaf paths, padded with -1 on the right.
-
-        paths[l, d] is the depth-d node on leaf l's path; a root-only tree gives [[0]].
-        """
-        size = len(self) + 1
-        parent_v = self.verify_parents()
-        is_leaf = torch.ones(size, dtype=torch.bool, device=self.tokens.device)
-        is_leaf[parent_v[1:]] = False
-        leaves = is_leaf.nonzero().squeeze(1)  # [L]
-        offsets = self.position_offsets()
-        paths = torch.full((leaves.shape[0], self.max_depth + 1), -1, dtype=torch.long, device=self.tokens.device)
-        rows = torch.arange(leaves.shape[0], device=self.tokens.device)
-        node = leaves
-        for _ in range(self.max_depth + 1):  # write each node at its own depth column, then climb
-            paths[rows, offsets[node]] = node
-            node = parent_v[node]
-        return paths
+        return self.host_layout()[2]
 
     def path_to(self, verify_index: int) -> list[int]:
         """Verify-space indices root .. verify_index."""
-        parents = self.parents.tolist()
-        path = [verify_index]
-        while path[-1] != 0:
-            path.append(parents[path[-1] - 1] + 1)
-        return path[::-1]
+        return path_to(read(self.parents)[0], verify_index)
+
+
+def children_of(parents: list[int], order: list[int]) -> list[list[int]]:
+    """Host lists -> verify-space children per verify index, in `order` (node indices by descending score)."""
+    kids: list[list[int]] = [[] for _ in range(len(parents) + 1)]
+    for node in order:
+        kids[parents[node] + 1].append(node + 1)
+    return kids
+
+
+def path_to(parents: list[int], verify_index: int) -> list[int]:
+    """Verify-space indices root .. verify_index, from the host list of node parents."""
+    path = [verify_index]
+    while path[-1] != 0:
+        path.append(parents[path[-1] - 1] + 1)
+    return path[::-1]
 
 
 @dataclass
@@ -124,12 +124,10 @@ class _Candidates:
 
 
 def _best(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices of the `count` highest finite scores, best first; ties keep the earlier index (stable)."""
-    values, order = torch.sort(scores, descending=True, stable=True)
-    count = min(count, values.shape[0])
-    if count and values[count - 1].item() == float("-inf"):  # -inf sorts last: trim it
-        count = int(torch.isfinite(values[:count]).sum())
-    return order[:count]
+    """Indices of the `count` highest scores, best first; ties keep the earlier index (stable). No device read:
+    -inf entries (a sub-vocabulary smaller than k) may be among them; their children stay -inf and _rerank
+    drops them all at once."""
+    return torch.sort(scores, descending=True, stable=True).indices[:count]
 
 
 def build_tree(root_logp: torch.Tensor, root_ids: torch.Tensor, root_hidden: torch.Tensor, step: StepFn,
@@ -194,16 +192,24 @@ def _rerank(cands: _Candidates, total_tokens: int) -> DraftTree:
     tokens = torch.cat(cands.tokens)  # [C]
     parents = torch.cat(cands.parents)  # [C] global candidate index, -1 at level 1
     scores = torch.cat(cands.scores)  # [C]
-    level_sizes = torch.tensor([len(t) for t in cands.tokens], device=tokens.device)
-    depths = torch.repeat_interleave(torch.arange(1, len(level_sizes) + 1, device=tokens.device), level_sizes)
+    sizes = [len(t) for t in cands.tokens]  # host ints: no device read to lay out depths
+    depths = torch.cat([torch.full((size,), depth, dtype=torch.long, device=tokens.device)
+                        for depth, size in enumerate(sizes, start=1)])
 
-    kept = _best(scores, total_tokens)  # [n] candidate indices, rank order
-    kept = kept[torch.sort(depths[kept], stable=True).indices]  # parents-first layout
+    kept = _best(scores, total_tokens)  # [n] candidate indices, rank order (-inf ones last)
+    finite = torch.isfinite(scores[kept])
+    # parents-first layout (stable: score desc within a level), with -inf candidates after every real node
+    layout_key = torch.where(finite, depths[kept], len(sizes) + 1)
+    kept = kept[torch.sort(layout_key, stable=True).indices]
+    finite = torch.isfinite(scores[kept])
 
     # candidate index -> node index (shifted by one so that parent -1 maps to -1)
     node_of = torch.full((len(tokens) + 1,), -1, dtype=torch.long, device=tokens.device)
     node_of[kept + 1] = torch.arange(len(kept), device=tokens.device)
     node_parents = node_of[parents[kept] + 1]  # [n]
-    if bool(((node_parents < 0) & (parents[kept] >= 0)).any()):
+    orphan = (node_parents < 0) & (parents[kept] >= 0) & finite
+    (count,), (broken,) = read(finite.sum(), orphan.any())  # the tree's one device read
+    if broken:
         raise RuntimeError("draft tree is not ancestor-closed (NaN draft scores?)")
-    return DraftTree(tokens=tokens[kept], parents=node_parents, depths=depths[kept], scores=scores[kept])
+    return DraftTree(tokens=tokens[kept][:count], parents=node_parents[:count], depths=depths[kept][:count],
+                     scores=scores[kept][:count], depth_bound=len(sizes))

