@@ -63,14 +63,6 @@ TREES = [TreeConfig(depth=d, top_k=k, total_tokens=n)
                          (6, 2, 7), (3, 10, 5)]]
 
 
-@pytest.mark.parametrize("tree", TREES, ids=lambda t: f"d{t.depth}-k{t.top_k}-n{t.total_tokens}")
-def test_greedy_eagle_equals_vanilla_for_tree_settings(tiny, tree):
-    _, target = tiny
-    head = random_head(target, "eagle2", seed=3)
-    prompt = prompt_ids(1)
-    assert tokens_of(speculative(target, head, prompt, tree)) == tokens_of(plain_decode(target, request(prompt)))
-
-
 def test_greedy_eagle3_head_equals_vanilla(tiny):
     _, target = tiny
     head = random_head(target, "eagle3", seed=4)
@@ -104,6 +96,21 @@ class TargetAsHead:
         return hidden
 
 
+@pytest.mark.parametrize("tree", TREES, ids=lambda t: f"d{t.depth}-k{t.top_k}-n{t.total_tokens}")
+def test_greedy_eagle_equals_vanilla_for_tree_settings(tiny, tree):
+    """A random head (almost every draft rejected) and the target as its own head (long accepted paths, so the
+    tree layout and keep-path commits are exercised at every depth the tree allows)."""
+    _, target = tiny
+    prompt = prompt_ids(1)
+    expected = tokens_of(plain_decode(target, request(prompt)))
+    assert tokens_of(speculative(target, random_head(target, "eagle2", seed=3), prompt, tree)) == expected
+    steps = speculative(target, TargetAsHead(target), prompt, tree)
+    assert tokens_of(steps) == expected
+    assert max(s.accepted for s in steps[1:]) >= 2  # drafts were accepted: commits kept real paths
+    if tree.top_k <= 4 and tree.total_tokens >= 2 * tree.depth:  # narrow, deep enough trees keep long chains
+        assert max(s.accepted for s in steps[1:]) >= 3
+
+
 @pytest.mark.parametrize("policy_name", ["full", "nanospec"])
 def test_greedy_with_a_strong_draft_accepts_long_paths_and_equals_vanilla(tiny, policy_name):
     _, target = tiny
@@ -122,20 +129,22 @@ def test_eos_inside_a_round_stops_exactly_like_vanilla(tiny):
     reference = tokens_of(plain_decode(target, request(prompt, max_new=30)))
     stop = reference[7]  # pretend the 8th generated token is EOS
     expected = reference[: reference.index(stop) + 1]
-    head = random_head(target, "eagle2", seed=1)
-    for tree in TREES[:4]:
-        got = tokens_of(speculative(target, head, prompt, tree, max_new=30, stop=(stop,)))
-        assert got == expected
+    head = TargetAsHead(target)  # rounds commit several tokens, so the stop id falls inside one
+    for tree in TREES[:6]:
+        steps = speculative(target, head, prompt, tree, max_new=30, stop=(stop,))
+        assert tokens_of(steps) == expected and steps[-1].finished
+    assert max(s.accepted for s in steps[1:]) > 1
     assert tokens_of(plain_decode(target, request(prompt, max_new=30, stop=(stop,)))) == expected
 
 
 @pytest.mark.parametrize("max_new", [1, 2, 7, 33])
 def test_max_new_tokens_is_exact(tiny, max_new):
     _, target = tiny
-    head = random_head(target, "eagle2", seed=2)
-    steps = speculative(target, head, prompt_ids(4), TreeConfig(depth=5, top_k=4, total_tokens=16), max_new=max_new)
-    assert len(tokens_of(steps)) == max_new
+    steps = speculative(target, TargetAsHead(target), prompt_ids(4), TreeConfig(depth=5, top_k=4, total_tokens=16),
+                        max_new=max_new)
+    assert len(tokens_of(steps)) == max_new  # the limit cuts inside a multi-token round
     assert steps[-1].finished
+    assert tokens_of(steps) == tokens_of(plain_decode(target, request(prompt_ids(4), max_new=max_new)))
 
 
 @pytest.mark.parametrize("policy_name,vocab", [
@@ -190,7 +199,7 @@ def test_drafting_builds_no_autograd_graph_and_keeps_no_tensors(tiny, kind):
     before = len(graph_tensors())
     for seed in range(2):
         steps = speculative(target, head, prompt_ids(seed), TreeConfig(depth=3, top_k=4, total_tokens=8), max_new=12)
-        assert tokens_of(steps)
+        assert len(tokens_of(steps)) == 12
     del steps
     assert len(graph_tensors()) == before
 

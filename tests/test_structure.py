@@ -81,3 +81,19 @@ def test_no_file_is_much_over_400_lines():
     long = {str(p.relative_to(PACKAGE.parent)): n for p in PACKAGE.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > 420}
     assert not long, long
+
+
+def test_readme_layout_table_matches_the_tree():
+    """Every module of the package is named in the README's layout table, and every path it names exists."""
+    import re
+
+    readme = (PACKAGE.parent / "README.md").read_text()
+    lines = readme[readme.index("## Layout"):].splitlines()[1:]
+    table = "\n".join(line for line in lines[: next((i for i, l in enumerate(lines) if l.startswith("#")),
+                                                     len(lines))] if line.startswith("|"))
+    named = set(re.findall(r"`([\w./<>-]+)`", table))
+    modules = {p.name for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"}
+    missing = sorted(m for m in modules if not any(n.endswith(m) for n in named))
+    assert not missing, f"modules missing from the README layout table: {missing}"
+    for path in (n for n in named if "/" in n and "<" not in n):
+        assert (PACKAGE.parent / path).exists(), f"README layout names {path}, which does not exist"
