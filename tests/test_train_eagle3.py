@@ -130,3 +130,21 @@ def test_shipped_and_public_layouts_load_to_the_same_drafts(target, tmp_path):
         hidden = loaded.forward(ids, features, loaded.new_cache(8))
         logits.append(loaded.lm_input(hidden) @ loaded.lm_head_weight.T.to(hidden.dtype))
     torch.testing.assert_close(logits[0], logits[1], atol=1e-2, rtol=1e-2)
+
+
+def test_stages_continue_from_the_warm_start_head_and_reach_the_card(tmp_path):
+    from nanospec_core.training.card import stage_rows, write_card
+
+    info = {"model": "m", "kind": "eagle3", "sequences": 10, "generated_chat": 4, "generated_code": 2,
+            "sharegpt_text": 4, "train_scored_tokens": 900, "tokens_seen": 1800, "train_wall_s": 120, "machine": "cpu"}
+    metrics = {"top1": 0.5, "top1_level2_given_prev": 0.4, "expected_chain": 0.9}
+    first = stage_rows(tmp_path / "a", None, info, metrics)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "stages.json").write_text(json.dumps(first))
+    second = stage_rows(tmp_path / "b", str(tmp_path / "a"), info, {**metrics, "top1": 0.6})
+    assert [r["stage"] for r in second] == [1, 2] and second[1]["heldout_top1"] == 0.6
+    assert stage_rows(tmp_path / "a", None, info, metrics)[-1]["stage"] == 1  # a random start: a new history
+    (tmp_path / "b").mkdir()
+    write_card(tmp_path / "b", {**info, "stages": second, "command": "x"})
+    card = (tmp_path / "b" / "MODEL_CARD.md").read_text()
+    assert "# EAGLE-3 draft head for m" in card and card.count("| random |") == 1 and "| 0.6 |" in card

@@ -1,29 +1,21 @@
-"""Train an EAGLE-2 draft head on a CPU: prepare data, extract target features, train, export.
+"""Train an EAGLE-3 (default) or EAGLE-2 draft head on a CPU: the target's own answers, then training, then export.
 
-The objective (EAGLE loss, sampled softmax, unrolled draft levels) and the held-out measure live in train_loss.py.
-Input features get uniform noise U(-0.5, 0.5) * 0.2 * 512 / H as in EAGLE's training script; AdamW (0.9, 0.95),
-gradient clipping, warmup + cosine decay, frequent checkpoints that resume.
+    python -m nanospec_core train-head --kind eagle3 --out assets/heads/qwen2.5-coder-0.5b-instruct/eagle3 \
+        --work runs/head_eagle3 --generate-minutes 30 --extract-minutes 11 --minutes 45
+    (add --init <shipped head> to warm-start a later stage; the held-out split is fixed by key, generate.held_out)
 
-The CPU choice (measured on this machine: AMD EPYC, AVX2 only -- no AVX512-BF16/AMX, so bf16 matmuls are emulated;
-2 cores shared with other jobs, load 4-10, so absolute numbers are noisy, ratios less so):
-  * target feature extraction: fp32 ~34 tok/s (forward + top-8 of the lm head); bf16 ~11-19 tok/s -> fp32 target.
-  * one 896 x 4864 linear, fwd + bwd, 512 tokens: fp32 422 tok/s, bf16 autocast 23 tok/s -> fp32 master weights and
-    fp32 compute; the exported head is cast to bf16.
-  * classification term: the full 151,936-row lm head costs 37x a 4k-row slice, which alone runs at ~650 tok/s fwd +
-    bwd (fp32, 512 tokens) -- the full head would be ~4x the whole rest of the step. So: a *sampled softmax*. Per
-    sequence, the candidate rows are the union of the target's top-8 ids at every position (precomputed at
-    extraction) plus `negatives` uniform random ids (~2-3k rows in all); the target distribution is its top-8
-    probabilities renormalised. The target's probable tokens are exactly the hard negatives the draft must rank, and
-    at inference the head often scores a sub-vocabulary anyway (NanoSpec's active set).
-  * self-distillation (HF generate, batch 2, bf16): ~1.2 new tok/s under this load, so the shipped head uses none;
-    `--distill N --distill-minutes M` keeps the option for machines where it pays.
-  * feature extraction is the bottleneck (quiet machine: backbone 144 tok/s + top-8 through the lm head, ~96 tok/s
-    together, i.e. this CPU's fp32 peak of ~96 GFLOP/s); int8 dynamic quantisation doubles it but agrees with the
-    fp32 target's top-1 on only 65% (all linears) / 93% (no down_proj) of positions, so it is not used. Training
-    is ~10x faster than extraction, so each extracted token is worth several passes and unrolled levels.
-
-Usage:  python -m nanospec_core.train_head --model embedded --out assets/heads/qwen2.5-coder-0.5b-instruct \
-            --work runs/head_qwen05 --sharegpt 300 --max-tokens 512 --extract-minutes 21.5 --minutes 40
+Data (training/generate.py): the target answers ShareGPT prompts and standard-library completion prompts itself,
+in batches, with its features kept as it decodes; then ShareGPT conversations as written (forward only), which
+cost a tenth per token. Both are resumable shards holding EAGLE-2 (final hidden) and EAGLE-3 (aux layers) features.
+The target runs in the fastest dtype measured on this machine (machine.py).
+Objective (training/loss.py): per unrolled draft level ("training-time test", `--levels`), a sampled-softmax
+cross-entropy against the target's top-8 next-token distribution (candidate rows: every top-8 id of the sequence
+plus `--negatives` random ones; the full 151,936-row lm head would cost several times the rest of the step), plus
+a small SmoothL1 term pulling the head's normed output towards the target's final hidden state. EAGLE-3's lm head
+is the target's own (tied, frozen, not saved). Input features get EAGLE's uniform noise U(-0.5, 0.5) * 0.2 * 512 / F.
+AdamW (0.9, 0.95), gradient clipping, warmup + cosine decay, float32 master weights, checkpoints that resume; a
+bf16 head is exported at every checkpoint so a run cut short is still usable. The held-out measure (full
+vocabulary, chains as the head drafts them) and one stage row per session go into the model card and stages.json.
 """
 from __future__ import annotations
 
@@ -39,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ..errors import NanoSpecError
+from .card import plot_loss, stage_rows, write_card
 from .loss import evaluate, sequence_loss
 
 FEATURE_NOISE = 0.2  # EAGLE's uniform-noise "std"; scaled by 512 / H as in its training script
@@ -163,29 +156,6 @@ def train(head, train_seqs, lm_head_weight, work: Path, *, minutes: float | None
     return state
 
 
-def plot_loss(csv_path: Path, png_path: Path) -> Path | None:
-    """Loss terms and sampled top-1 agreement per step -> PNG (matplotlib; None when it is not installed)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    rows = list(csv.DictReader(csv_path.open()))
-    steps = [int(r["step"]) for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for key in ("loss", "vloss", "ploss"):
-        left.plot(steps, [float(r[key]) for r in rows], label=key, linewidth=1)
-    left.set(yscale="log", xlabel="step", title="EAGLE loss = vloss + 0.1 ploss")
-    left.legend()
-    right.plot(steps, [float(r["acc"]) for r in rows], linewidth=1)
-    right.set(xlabel="step", title="train top-1 agreement (sampled softmax)")
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
-    return png_path
-
-
 def export(head, out: Path, extra: dict) -> None:
     """bf16 head (config.json + model.safetensors) via eagle_checkpoint.save_head, written to a temp folder then swapped in."""
     import shutil
@@ -198,19 +168,6 @@ def export(head, out: Path, extra: dict) -> None:
     save_head(head, tmp, extra_config=extra)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-
-
-def write_card(out: Path, info: dict) -> None:
-    kind = {"eagle2": "EAGLE-2", "eagle3": "EAGLE-3"}[info.get("kind", "eagle2")]
-    feature, ce = info.get("loss_weights", {"feature": 1.0, "cross_entropy": 0.1}).values()
-    lines = [f"# {kind} draft head for {info['model']}", "",
-             (f"Trained on CPU by `python -m nanospec_core train-head` (per unrolled level: {feature} x SmoothL1 on "
-              f"the next feature + {ce} x sampled-softmax cross-entropy against the target's top-8 next-token "
-              f"distribution; uniform feature noise as in EAGLE)."), "", "| | |", "|---|---|"]
-    lines += [f"| {key} | {value} |" for key, value in info.items() if key != "command"]
-    lines += ["", "Rerun:", "", "```", info.get("command", ""), "```", ""]
-    (out / "MODEL_CARD.md").write_text("\n".join(lines))
-
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -237,6 +194,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--levels", type=int, default=3, help="draft levels unrolled in the loss (1 = no TTT)")
     parser.add_argument("--init", default=None, help="head folder to start from (default: random)")
     parser.add_argument("--extract-only", action="store_true", help="stop after the data")
+    parser.add_argument("--eval-head", default=None, help="only score this head on the held-out split, then stop")
     parser.add_argument("--tokens-per-step", type=int, default=2048)
     parser.add_argument("--lr", type=float, default=6e-4)
     parser.add_argument("--warmup", type=int, default=10)
@@ -245,6 +203,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-on-prompts", action="store_true", help="score prompt positions too")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+
+
+def heldout(head, held: list[dict], lm_head_weight: torch.Tensor) -> dict[str, dict]:
+    """Held-out agreement on the target's own answers ('generated': what the head meets when drafting) and on
+    ShareGPT text, 3,000 and 1,500 level-1 positions, four levels."""
+    generated = [s for s in held if not s["key"].startswith("text:")]
+    text = [s for s in held if s["key"].startswith("text:")]
+    return {"generated": evaluate(head, generated, lm_head_weight, max_positions=3000, levels=4),
+            "text": evaluate(head, text, lm_head_weight, max_positions=1500, levels=4)}
 
 
 LOSS_WEIGHTS = {"eagle2": (1.0, 0.1), "eagle3": (0.1, 1.0)}  # (feature, cross-entropy): EAGLE's; EAGLE-3 mostly CE
@@ -307,6 +274,12 @@ def run(args: argparse.Namespace) -> dict:
                for name, prefix in (("generated_chat", "sharegpt:"), ("generated_code", "stdlib:"),
                                     ("sharegpt_text", "text:"))}
     log(f"features: {len(train_seqs)} train sequences ({n_tokens} scored tokens), {len(held)} held out; {sources}")
+    if args.eval_head:  # the same held-out positions for any head (EAGLE-2 or -3): a like-for-like comparison
+        from ..models.eagle_checkpoint import load_head
+
+        metrics = heldout(load_head(args.eval_head, target), held, target.lm_head_weight.float())
+        log(f"held-out, {args.eval_head}: {metrics}")
+        return metrics
 
     # 2. Train (fp32 master weights), exporting a bf16 head at every checkpoint so a partial run is usable.
     head = make_head(args.kind, target, args.init, args.seed)
@@ -334,8 +307,9 @@ def run(args: argparse.Namespace) -> dict:
                   tokens_per_step=args.tokens_per_step, lr=args.lr, warmup=args.warmup, negatives=args.negatives,
                   checkpoint_every=args.checkpoint_every, seed=args.seed, levels=args.levels,
                   feature_weight=feature_weight, cls_weight=cls_weight, on_checkpoint=on_checkpoint)
-    metrics = evaluate(head, held, lm_head_weight.float(), max_positions=3000, levels=4)
-    log(f"held-out: {metrics}")
+    both = heldout(head, held, lm_head_weight.float())
+    metrics = both["generated"]
+    log(f"held-out: {both}")
     last = list(csv.DictReader((work / "loss.csv").open()))[-20:]
     info.update({"steps": state["step"], "tokens_seen": state["tokens"], "train_wall_s": round(state["train_s"]),
                  "total_wall_s": round(time.time() - begin),
@@ -343,8 +317,12 @@ def run(args: argparse.Namespace) -> dict:
                  "heldout_top1": round(metrics["top1"], 4),
                  **{f"heldout_{k}": round(v, 4) for k, v in metrics.items() if k.startswith("top1_level")},
                  "heldout_expected_chain": round(metrics["expected_chain"], 3),
-                 "heldout_positions": metrics["positions"]})
-    export(head, out, {"training": info})
+                 "heldout_positions": metrics["positions"],
+                 "heldout_text_top1": round(both["text"]["top1"], 4),
+                 "heldout_text_expected_chain": round(both["text"]["expected_chain"], 3)})
+    info["stages"] = stage_rows(out, args.init, info, metrics)
+    export(head, out, {"training": {k: v for k, v in info.items() if k != "stages"}})
+    (out / "stages.json").write_text(json.dumps(info["stages"], indent=2) + "\n")
     png = plot_loss(work / "loss.csv", out / "loss.png")
     info["loss_curve"] = png and png.name
     write_card(out, info)
