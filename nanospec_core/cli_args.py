@@ -42,21 +42,20 @@ def add_decode_args(parser: argparse.ArgumentParser) -> None:
 def decode_configs(args, session=None):
     """(TreeConfig, VocabConfig) from the flags. The tree: a preset, else the session's measured choice (or the
     fallback default without a session) with every tree flag the user gave taking precedence."""
-    from dataclasses import replace
-
-    from .config import TreeConfig, VocabConfig, out_of_range
+    from .config import LIMITS, TreeConfig, VocabConfig, out_of_range
 
     if args.tree_preset:
-        tree = TreeConfig.preset(args.tree_preset)
+        fields = vars(TreeConfig.preset(args.tree_preset))
     else:
-        tree = session.tree_choice().tree if session is not None else TreeConfig()
-        given = {name: getattr(args, name) for name in ("depth", "top_k", "total_tokens")
-                 if getattr(args, name) is not None}
-        tree = replace(tree, **given)
-    bad = out_of_range(**vars(tree))
-    if bad:
-        raise NanoSpecError(f"tree settings out of range: {', '.join(bad)}")
-    vocab = VocabConfig(static_k=args.static_k, capacity=args.capacity, prompt_topk=args.prompt_topk,
+        fields = vars(session.tree_choice().tree if session is not None else TreeConfig()).copy()
+        fields.update({name: getattr(args, name) for name in ("depth", "top_k", "total_tokens")
+                       if getattr(args, name) is not None})
+    vocab_fields = dict(static_k=args.static_k, capacity=args.capacity, prompt_topk=args.prompt_topk,
                         node_topk=args.node_topk, static_core=args.static_core,
                         fallback_threshold=args.fallback_threshold)
+    for what, values in (("tree", fields), ("vocabulary", vocab_fields)):  # one clear line, before the dataclass
+        bad = out_of_range(**{k: v for k, v in values.items() if k in LIMITS})
+        if bad:
+            raise NanoSpecError(f"{what} settings out of range: {', '.join(bad)}")
+    tree, vocab = TreeConfig(**fields), VocabConfig(**vocab_fields)
     return tree, vocab

@@ -35,7 +35,7 @@ LIMITS = {
     "depth": (1, 12, True),
     "top_k": (1, 32, True),
     "total_tokens": (1, 128, True),
-    "capacity": (64, 65536, True),
+    "capacity": (1, 65536, True),  # the static core and special ids must fit too (checked by the policy)
     "prompt_topk": (0, 16, True),
     "node_topk": (0, 16, True),
     "static_core": (0, 32768, True),
@@ -49,12 +49,22 @@ def out_of_range(**values) -> list[str]:
             if not LIMITS[name][0] <= value <= LIMITS[name][1]]
 
 
+def check_limits(config) -> None:
+    """Raise ValueError naming every field of `config` outside LIMITS (the dataclasses call it on creation)."""
+    bad = out_of_range(**{name: getattr(config, name) for name in LIMITS if hasattr(config, name)})
+    if bad:
+        raise ValueError(f"{type(config).__name__} out of range: {', '.join(bad)}")
+
+
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 128
     temperature: float = 0.0  # 0 = greedy: the output must equal plain greedy decoding token for token
     seed: int = 0  # sampling is reproducible for a given seed (one torch.Generator per request)
     stop_on_eos: bool = True
+
+    def __post_init__(self):
+        check_limits(self)
 
 
 @dataclass
@@ -71,6 +81,9 @@ class TreeConfig:
     depth: int = 3  # draft levels per round; bounds the tokens one round can commit at depth + 1
     top_k: int = 4  # children expanded per node, and nodes kept per level (best k of k*k)
     total_tokens: int = 7  # draft nodes verified per round (the root is extra): 8 tokens cost ~1.7x one token
+
+    def __post_init__(self):
+        check_limits(self)
 
     @classmethod
     def preset(cls, name: str) -> "TreeConfig":
@@ -100,3 +113,6 @@ class VocabConfig:
     fallback_window: int = 8  # rounds in the rolling hit rate
     # dtype of the subset row buffer: 'auto' = the weight's, which the runtime probe chose as the fast one here
     buffer_dtype: str = "auto"
+
+    def __post_init__(self):
+        check_limits(self)

@@ -68,3 +68,17 @@ def test_unknown_method_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", "--prompt", "hi", "--method", "nope"])
     assert exit_info.value.code == 2
+
+
+def test_the_config_dataclasses_check_the_one_limits_table():
+    import pytest
+
+    from nanospec_core.config import LIMITS, GenerationConfig, TreeConfig, VocabConfig
+
+    with pytest.raises(ValueError, match="depth 1..12"):
+        TreeConfig(depth=LIMITS["depth"][1] + 1)
+    with pytest.raises(ValueError, match="capacity 1..65536.*node-topk 0..16"):
+        VocabConfig(capacity=0, node_topk=99)
+    with pytest.raises(ValueError, match="temperature"):
+        GenerationConfig(temperature=-1.0)
+    assert TreeConfig(depth=12).depth == 12  # the bounds themselves are allowed

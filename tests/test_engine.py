@@ -151,7 +151,7 @@ def test_max_new_tokens_is_exact(tiny, max_new):
     ("static", VocabConfig(static_k=512)),
     ("nanospec", VocabConfig()),
     ("nanospec", VocabConfig(capacity=64, prompt_topk=3, node_topk=3, static_core=0)),  # tiny capacity forces eviction
-    ("nanospec", VocabConfig(capacity=48, static_core=16, fallback_threshold=0.9, fallback_window=2)),
+    ("nanospec", VocabConfig(capacity=64, static_core=16, fallback_threshold=0.9, fallback_window=2)),
 ])
 def test_greedy_subset_policies_equal_vanilla(tiny, policy_name, vocab):
     _, target = tiny
