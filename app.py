@@ -4,7 +4,8 @@
     NANOSPEC_MODEL=/path/to/model NANOSPEC_HEAD=random NANOSPEC_DTYPE=float32 python app.py
 
 Environment: NANOSPEC_MODEL (default 'embedded'), NANOSPEC_DTYPE (default auto: the dtype measured fastest on this
-machine, nanospec_core/machine.py; the app's Precision control switches to float32 per run), NANOSPEC_HEAD (default: the shipped head, else a random one with a warning banner),
+machine, nanospec_core/machine.py; the app's Precision control switches to float32 per run), NANOSPEC_HEAD
+(default: the shipped head, EAGLE-3 where one ships, else a random one with a warning banner),
 NANOSPEC_QUESTIONS (the Spec-Bench file of the Benchmark tab), NANOSPEC_ANY_MODEL=1 (let users load hub ids and
 local folders, not only the packaged models), GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (read by Gradio).
 Layout and wiring only: the alternating runs are nanospec_core.compare, the charts and tables nanospec_core.ui.
@@ -17,7 +18,6 @@ import threading
 import time
 import traceback
 from collections import OrderedDict
-from pathlib import Path
 
 import gradio as gr
 
@@ -27,7 +27,7 @@ from nanospec_core.config import METHODS, GenerationConfig
 from nanospec_core.errors import NanoSpecError
 from nanospec_core.machine import on_zero_gpu
 from nanospec_core.models.loading import PACKAGED, model_key
-from nanospec_core.paths import shipped_head_dir
+from nanospec_core.paths import ASSETS, DEFAULT_QUESTIONS, shipped_head_dir
 from nanospec_core.session import Session
 
 try:  # Hugging Face ZeroGPU Spaces: request a GPU for the generation function; a no-op everywhere else
@@ -38,12 +38,11 @@ except ImportError:
     def GPU(fn):
         return fn
 
-ROOT = Path(__file__).resolve().parent
 MODEL = os.environ.get("NANOSPEC_MODEL", "embedded")
 DTYPE = os.environ.get("NANOSPEC_DTYPE", "auto")  # Session picks the fastest dtype measured on the device
 HEAD = os.environ.get("NANOSPEC_HEAD") or None
 ANY_MODEL = os.environ.get("NANOSPEC_ANY_MODEL", "") == "1"
-QUESTIONS = os.environ.get("NANOSPEC_QUESTIONS", str(ROOT.parent / "shared" / "data" / "spec_bench" / "question.jsonl"))
+QUESTIONS = str(DEFAULT_QUESTIONS)  # NANOSPEC_QUESTIONS overrides it (nanospec_core/paths.py)
 UPDATE_EVERY_S = 0.25  # texts and table refresh at most this often (the last round always shows)
 CHART_EVERY_S = 1.5  # charts and the locality view: plotly redraws are the browser's heaviest work
 SETTINGS = list(ui.LIMITS)  # max_new_tokens, temperature, seed, depth, top_k, total_tokens, capacity, ...
@@ -391,7 +390,7 @@ def main() -> None:
         print(f"nanospec app: WARNING: {banner}", flush=True)
     demo = build_app(banner, session)
     demo.queue(default_concurrency_limit=1, max_size=16)
-    demo.launch(css_paths=[ROOT / "assets" / "app.css"])  # host and port: GRADIO_SERVER_NAME / _PORT
+    demo.launch(css_paths=[ASSETS / "app.css"])  # host and port: GRADIO_SERVER_NAME / _PORT
 
 
 if __name__ == "__main__":

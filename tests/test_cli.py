@@ -82,3 +82,23 @@ def test_the_config_dataclasses_check_the_one_limits_table():
     with pytest.raises(ValueError, match="temperature"):
         GenerationConfig(temperature=-1.0)
     assert TreeConfig(depth=12).depth == 12  # the bounds themselves are allowed
+
+
+def test_export_head_writes_the_public_eagle3_layout_and_refuses_eagle2(capsys, tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from nanospec_core.models.eagle import random_head
+    from nanospec_core.models.eagle_checkpoint import save_head
+    from nanospec_core.session import Session
+
+    session = Session(tiny_model_dir, dtype="float32", device="cpu", head="random", progress=False)
+    save_head(random_head(session.target, "eagle3", seed=1, tied_lm_head=True), tmp_path / "tied")
+    code = main(["export-head", "--model", tiny_model_dir, "--dtype", "float32", "--head", str(tmp_path / "tied"),
+                 "--out", str(tmp_path / "public")])
+    assert code == 0 and "EAGLE-3 head" in capsys.readouterr().out
+    weights = load_file(str(tmp_path / "public" / "model.safetensors"))
+    assert weights["lm_head.weight"].shape[0] == session.target.vocab_size
+    assert json.loads((tmp_path / "public" / "config.json").read_text())["architectures"] == ["LlamaForCausalLMEagle3"]
+    assert main(["export-head", "--model", tiny_model_dir, "--dtype", "float32", "--head", "random",
+                 "--out", str(tmp_path / "nope")]) == 2
+    assert "only EAGLE-3 heads" in capsys.readouterr().err
