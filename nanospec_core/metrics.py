@@ -12,7 +12,24 @@ Conventions (as in vLLM's spec-decode stats):
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class TreeView:
+    """One round's draft tree as the host saw it at verification (no extra device read): node i has token
+    tokens[i], parent parents[i] (-1 = a child of the root), cumulative draft log-prob scores[i]; `path` lists the
+    accepted nodes root-down (node indices), `bonus` is the target's token after the last of them."""
+
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    path: list[int] = field(default_factory=list)
+    bonus: int = -1
+
+    def to_json(self) -> dict:
+        return {"tokens": self.tokens, "parents": self.parents, "scores": [round(v, 4) for v in self.scores],
+                "path": self.path, "bonus": self.bonus}
 
 
 @dataclass
@@ -33,6 +50,7 @@ class StepStats:
     verify_ms: float = 0.0  # target forward over the tree + acceptance
     prefill_ms: float = 0.0  # round 0 only
     finished: bool = False  # EOS or max_new_tokens reached
+    tree: "TreeView | None" = None  # the round's draft tree and which path the target took (for the round view)
 
     @property
     def hit(self) -> float | None:
@@ -45,6 +63,8 @@ class StepStats:
         row.update(round=self.round, tree_size=self.tree_size, backbone_ms=round(self.backbone_ms, 3),
                    lm_head_ms=round(self.lm_head_ms, 3), gather_ms=round(self.gather_ms, 3),
                    tree_ms=round(self.tree_ms, 3), fallback=self.fallback)
+        if self.tree is not None:
+            row["tree"] = self.tree.to_json()
         return row
 
 

@@ -229,3 +229,23 @@ def test_hf_sampling_leaves_the_global_rng_alone():
                                                                               seed=7), stop_ids=frozenset())
     list(hf_generate(model, request))
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_step_stats_carry_the_round_tree_and_the_path_the_target_took(tiny):
+    """The round view's data: the drafted tree (tokens, parents, scores) and the accepted path, read with the
+    verification itself; the path's tokens then the bonus are exactly the round's committed tokens."""
+    _, target = tiny
+    steps = speculative(target, TargetAsHead(target), prompt_ids(9), TreeConfig(depth=4, top_k=3, total_tokens=9),
+                        max_new=200, stop=())
+    assert steps[0].tree is None
+    deep = 0
+    for s in steps[1:-1]:  # the last round may be cut at the token limit
+        tree = s.tree
+        assert len(tree.tokens) == len(tree.parents) == len(tree.scores) == s.tree_size
+        chain = [-1] + tree.path
+        assert all(tree.parents[node] == parent for parent, node in zip(chain, chain[1:]))
+        assert [tree.tokens[i] for i in tree.path] + [tree.bonus] == s.tokens
+        assert all(tree.scores[c] <= tree.scores[p] + 1e-6 for c, p in enumerate(tree.parents) if p >= 0)
+        deep = max(deep, len(tree.path))
+        assert s.to_json()["tree"]["path"] == tree.path
+    assert deep >= 2

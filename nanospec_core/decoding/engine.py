@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 
 from ..config import TreeConfig
-from ..metrics import StepStats
+from ..metrics import StepStats, TreeView
 from ..models.eagle import DraftHead
 from ..models.target import TargetModel
 from ..vocab.policies import VocabPolicy
@@ -108,6 +108,9 @@ def speculative_decode(target: TargetModel, head: DraftHead, policy: VocabPolicy
         tags = policy.origin_tags(committed_ids)  # the round's statistics in one read
         stats.hits, *host_tags = read(hits, *([tags] if tags is not None else []))
         stats.origins = [policy.ORIGINS[t] for t in host_tags[0]] if host_tags else None
+        drawn = acceptance.tree
+        stats.tree = TreeView(drawn.tokens, drawn.parents, drawn.scores, [i - 1 for i in acceptance.path[1:]],
+                              acceptance.bonus)
         stats.fallback = policy.last_round_full
         stats.draft_ms, stats.verify_ms = ms["draft"], ms["verify"]
         stats.backbone_ms, stats.lm_head_ms, stats.gather_ms = ms["backbone"], ms["lm_head"], gather_ms

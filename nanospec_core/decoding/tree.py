@@ -73,20 +73,31 @@ class DraftTree:
         """[n+1] long: depth of every verify index (root 0); the target position is cache_len + offset."""
         return torch.cat([self.depths.new_zeros(1), self.depths])
 
-    def host_layout(self, *extra: torch.Tensor) -> tuple[list[int], list[int], list[list[int]], list[list]]:
-        """(tokens, parents, children, extra lists) in one device read: children[v] are verify index v's
-        children (0 = root), siblings by descending draft score; `extra` tensors ride along in the same read."""
+    def host_layout(self, *extra: torch.Tensor) -> "HostTree":
+        """The tree on the host in one device read (tokens, parents, scores, children); `extra` tensors ride
+        along in the same read (HostTree.extra)."""
         order = torch.argsort(self.scores, descending=True, stable=True)
-        tokens, parents, order, *rest = read(self.tokens, self.parents, order, *extra)
-        return tokens, parents, children_of(parents, order), rest
+        tokens, parents, scores, order, *rest = read(self.tokens, self.parents, self.scores, order, *extra)
+        return HostTree(tokens, parents, scores, children_of(parents, order), rest)
 
     def children(self) -> list[list[int]]:
         """Verify-space children of every verify index (0 = root), siblings by descending draft score."""
-        return self.host_layout()[2]
+        return self.host_layout().children
 
     def path_to(self, verify_index: int) -> list[int]:
         """Verify-space indices root .. verify_index."""
         return path_to(read(self.parents)[0], verify_index)
+
+
+@dataclass
+class HostTree:
+    """A DraftTree read to the host: children[v] are verify index v's children (0 = root), by descending score."""
+
+    tokens: list[int]
+    parents: list[int]
+    scores: list[float]
+    children: list[list[int]]
+    extra: list[list]
 
 
 def children_of(parents: list[int], order: list[int]) -> list[list[int]]:

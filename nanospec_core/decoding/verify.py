@@ -12,12 +12,12 @@ commits at least one token (the bonus) and at most max_depth + 1.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from nanospec_core.decoding.host import read
-from nanospec_core.decoding.tree import DraftTree, path_to
+from nanospec_core.decoding.tree import DraftTree, HostTree, path_to
 
 
 @dataclass
@@ -25,6 +25,7 @@ class Acceptance:
     path: list[int]  # verify-space indices of the accepted path, starting with 0 (the root)
     tokens: list[int]  # the accepted draft tokens (path without the root), then the bonus token last
     bonus: int  # the target's token after the last accepted node
+    tree: HostTree | None = field(default=None, compare=False, repr=False)  # as read for this decision
 
     @property
     def accept_len(self) -> int:
@@ -32,8 +33,8 @@ class Acceptance:
         return len(self.path) - 1
 
 
-def _acceptance(tree_tokens: list[int], path: list[int], bonus: int) -> Acceptance:
-    return Acceptance(path=path, tokens=[tree_tokens[i - 1] for i in path[1:]] + [bonus], bonus=bonus)
+def _acceptance(tree: HostTree, path: list[int], bonus: int) -> Acceptance:
+    return Acceptance(path=path, tokens=[tree.tokens[i - 1] for i in path[1:]] + [bonus], bonus=bonus, tree=tree)
 
 
 def verify_greedy(tree: DraftTree, target_logits: torch.Tensor) -> Acceptance:
@@ -43,12 +44,13 @@ def verify_greedy(tree: DraftTree, target_logits: torch.Tensor) -> Acceptance:
     token (possible with a caller's own topk) still finds the deepest match; ties: the first found.
     """
     # the round's one read: the target's greedy token after each verify index [n+1], with the tree's layout
-    tokens, parents, children, (best,) = tree.host_layout(target_logits.argmax(dim=-1))
+    host = tree.host_layout(target_logits.argmax(dim=-1))
+    (best,), tokens, children = host.extra, host.tokens, host.children
     deepest, matching = 0, [0]
     while matching:  # matching: the verify indices at this depth whose whole path equals greedy decoding
         matching = [c for node in matching for c in children[node] if tokens[c - 1] == best[node]]
         deepest = matching[0] if matching else deepest
-    return _acceptance(tokens, path_to(parents, deepest), best[deepest])
+    return _acceptance(host, path_to(host.parents, deepest), best[deepest])
 
 
 def sample_token(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
@@ -79,15 +81,15 @@ def verify_sampling(tree: DraftTree, target_logits: torch.Tensor, temperature: f
         return verify_greedy(tree, target_logits)
     # each node is tried at most once per round, so n uniforms suffice; one draw keeps the overhead small
     device = generator.device if generator is not None else target_logits.device  # generator and logits share it
-    tokens, _, children, (uniforms,) = tree.host_layout(torch.rand(len(tree), generator=generator, device=device))
-    draws = iter(uniforms)
+    host = tree.host_layout(torch.rand(len(tree), generator=generator, device=device))
+    tokens, children, draws = host.tokens, host.children, iter(host.extra[0])
     path = [0]
     while True:
         node = path[-1]
         probs = torch.softmax(target_logits[node].float() / temperature, dim=-1)  # [V] p, then the residual
         child = _try_children(probs, [tokens[c - 1] for c in children[node]], draws)
         if child is None:
-            return _acceptance(tokens, path, _sample_residual(probs, generator))
+            return _acceptance(host, path, _sample_residual(probs, generator))
         path.append(children[node][child])
 
 
