@@ -1,11 +1,11 @@
-"""NanoSpec demo: plain EAGLE-2 and EAGLE-2 + NanoSpec side by side, on CPU.
+"""NanoSpec demo: plain EAGLE and EAGLE + NanoSpec side by side (EAGLE-2's dynamic tree, the shipped head), on CPU.
 
     python app.py                      # the embedded Qwen2.5-Coder-0.5B-Instruct with its shipped head
     NANOSPEC_MODEL=/path/to/model NANOSPEC_HEAD=random NANOSPEC_DTYPE=float32 python app.py
 
 Environment: NANOSPEC_MODEL (default 'embedded'), NANOSPEC_DTYPE (default auto: the dtype measured fastest on this
 machine, nanospec_core/machine.py; the app's Precision control switches to float32 per run), NANOSPEC_HEAD
-(default: the shipped head, EAGLE-3 where one ships, else a random one with a warning banner),
+(default: the shipped default head, paths.HEAD_KINDS; else a random one with a warning banner),
 NANOSPEC_QUESTIONS (the Spec-Bench file of the Benchmark tab), NANOSPEC_ANY_MODEL=1 (let users load hub ids and
 local folders, not only the packaged models), GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (read by Gradio).
 Layout and wiring only: the alternating runs are nanospec_core.compare, the charts and tables nanospec_core.ui.
@@ -285,10 +285,11 @@ def build_app(banner: str = "", session: Session | None = None) -> gr.Blocks:
     tree = vars(session.tree_choice().tree) if measured else {}
     tree_info = session.tree_choice().reason if measured else None
     with gr.Blocks(title="NanoSpec: speculative decoding with a tiny vocabulary", analytics_enabled=False) as demo:
-        gr.Markdown("# NanoSpec\nEAGLE-2 speculative decoding whose draft head scores only the few hundred to few "
-                    "thousand token ids **of this context** instead of the whole vocabulary. Training-free, lossless "
-                    "(the target verifies every token), built for CPUs. Left: plain EAGLE-2. Right: EAGLE-2 + "
-                    "NanoSpec. Both run on the same machine, one round each in turn, so their timings are fair.")
+        gr.Markdown("# NanoSpec\nEAGLE speculative decoding (EAGLE-2's dynamic tree and the model's shipped head) whose "
+                    "draft head scores only the few hundred to few thousand token ids **of this context** instead of "
+                    "the whole vocabulary. Training-free, lossless (the target verifies every token), built for "
+                    "CPUs. Left: plain EAGLE. Right: EAGLE + NanoSpec. Both run on the same machine, one round each "
+                    "in turn, so their timings are fair.")
         gr.Markdown(f"**Warning:** {banner}", visible=bool(banner), elem_classes="nanospec-banner")
         with gr.Tab("Compare"):
             with gr.Row():
@@ -322,9 +323,9 @@ def build_app(banner: str = "", session: Session | None = None) -> gr.Blocks:
                                         "full-vocab round under this hit rate; 0 = off")]
             status = gr.Markdown(elem_id="status")
             with gr.Row(equal_height=True):
-                eagle_text = gr.Textbox(label="Plain EAGLE-2", lines=12, max_lines=24, interactive=False,
+                eagle_text = gr.Textbox(label="Plain EAGLE", lines=12, max_lines=24, interactive=False,
                                         elem_id="eagle-output", buttons=["copy"])
-                nanospec_text = gr.Textbox(label="EAGLE-2 + NanoSpec", lines=12, max_lines=24, interactive=False,
+                nanospec_text = gr.Textbox(label="EAGLE + NanoSpec", lines=12, max_lines=24, interactive=False,
                                            elem_id="nanospec-output", buttons=["copy"])
             identical = gr.Markdown(elem_id="identical")
             summary = gr.Dataframe(label="Summary (speedup = NanoSpec tokens/s over EAGLE's)", interactive=False)

@@ -18,7 +18,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA where there is a GPU, else cpu) | cpu | cuda")
     parser.add_argument("--head", default=None,
                         help="EAGLE head: folder | hub id | random | eagle3 | eagle2 (the shipped head of that kind; "
-                             "default: the shipped EAGLE-3 head, else EAGLE-2)")
+                             "default: the first of paths.HEAD_KINDS that ships)")
 
 
 def add_decode_args(parser: argparse.ArgumentParser) -> None:
