@@ -12,7 +12,7 @@ from nanospec_core.models.eagle import random_head
 from nanospec_core.models.eagle_checkpoint import export_checkpoint, load_head, save_head
 from nanospec_core.models.target import TargetModel
 from nanospec_core.training import data as train_data
-from nanospec_core.training.generate import code_prompts, generate_batch, held_out, write_shard
+from nanospec_core.training.generate import code_prompts, generate_batch, held_out, rows_to_shard
 from nanospec_core.training.loss import input_features
 from nanospec_core.training.trainer import make_head, train
 
@@ -58,7 +58,7 @@ def test_generation_keeps_the_features_the_target_computes(target, rows):
 
 def test_shards_round_trip_with_keys(rows, tmp_path):
     _, found = rows
-    write_shard(tmp_path, {}, ["a#greedy", "b#greedy"], found)
+    train_data.write_shard(tmp_path, {}, ["a#greedy", "b#greedy"], rows_to_shard(found))
     seqs = train_data.load_sequences([tmp_path / "shard_00000.safetensors"])
     assert [s["key"] for s in seqs] == ["a#greedy", "b#greedy"]
     assert torch.equal(seqs[1]["aux"], found[1]["aux"]) and seqs[1]["loss_mask"].dtype == torch.bool

@@ -159,7 +159,6 @@ def extract_shards(target, items, work_dir: Path, shard_size: int = 64, topk: in
     next-token distribution from the final-normed hidden states, in chunks to bound the [chunk, V] logits.
     aux_layers: also store those layers' states concatenated as `aux` [N, len * H] bf16 (EAGLE-3's features).
     """
-    from safetensors.torch import save_file
     from tqdm import tqdm
 
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -167,7 +166,7 @@ def extract_shards(target, items, work_dir: Path, shard_size: int = 64, topk: in
     index = json.loads(index_path.read_text()) if index_path.exists() else {}
     done = {key for keys in index.values() for key in keys}
     todo = [item for item in items if item[0] not in done]
-    tokens, start, next_shard = 0, time.time(), len(index)
+    tokens, start = 0, time.time()
     bar = tqdm(total=len(todo), desc="features", unit="seq")
     for s in range(0, len(todo), shard_size):
         if deadline is not None and time.time() > deadline:
@@ -198,16 +197,25 @@ def extract_shards(target, items, work_dir: Path, shard_size: int = 64, topk: in
                    "offsets": torch.tensor(offsets, dtype=torch.int64)}
         if aux_layers:
             tensors["aux"] = torch.cat(aux_all)
-        path = work_dir / f"shard_{next_shard:05d}.safetensors"
-        save_file(tensors, str(path.with_suffix(".tmp")))
-        path.with_suffix(".tmp").rename(path)
-        index[path.name] = [key for key, _, _ in todo[s:s + shard_size]]
-        index_path.with_suffix(".tmp").write_text(json.dumps(index))
-        index_path.with_suffix(".tmp").replace(index_path)
-        next_shard += 1
+        path = write_shard(work_dir, index, [key for key, _, _ in todo[s:s + shard_size]], tensors)
         log(f"{path.name}: {offsets[-1]} tokens; extraction {tokens / (time.time() - start):.0f} tok/s")
     bar.close()
     return [work_dir / name for name in index]
+
+
+def write_shard(work_dir: Path, index: dict, keys: list[str], tensors: dict[str, torch.Tensor]) -> Path:
+    """tensors (the shard format above) -> the next shard_NNNNN.safetensors, then index.json with its keys; both
+    written to a temp name and renamed, so a killed run leaves whole files only."""
+    from safetensors.torch import save_file
+
+    path = work_dir / f"shard_{len(index):05d}.safetensors"
+    save_file(tensors, str(path.with_suffix(".tmp")))
+    path.with_suffix(".tmp").rename(path)
+    index[path.name] = keys
+    index_path = work_dir / "index.json"
+    index_path.with_suffix(".tmp").write_text(json.dumps(index))
+    index_path.with_suffix(".tmp").replace(index_path)
+    return path
 
 
 def load_sequences(paths) -> list[dict]:

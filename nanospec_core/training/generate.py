@@ -121,24 +121,15 @@ def generate_batch(hf_model, batch: list[list[int]], aux_layers: tuple[int, ...]
     return rows
 
 
-def write_shard(work_dir: Path, index: dict, keys: list[str], rows: list[dict]) -> Path:
-    """rows -> shard_NNNNN.safetensors (atomic) and index.json updated with its keys."""
-    from safetensors.torch import save_file
-
+def rows_to_shard(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """generate_batch rows -> the tensors of one shard (data.py's format, aux included)."""
     offsets = [0]
     for row in rows:
         offsets.append(offsets[-1] + row["ids"].shape[0])
     tensors = {name: torch.cat([row[name] for row in rows]).contiguous()
                for name in ("ids", "loss_mask", "aux", "hidden", "topk_ids", "topk_probs")}
     tensors["offsets"] = torch.tensor(offsets, dtype=torch.int64)
-    path = work_dir / f"shard_{len(index):05d}.safetensors"
-    save_file(tensors, str(path.with_suffix(".tmp")))
-    path.with_suffix(".tmp").rename(path)
-    index[path.name] = keys
-    index_path = work_dir / "index.json"
-    index_path.with_suffix(".tmp").write_text(json.dumps(index))
-    index_path.with_suffix(".tmp").replace(index_path)
-    return path
+    return tensors
 
 
 def generate_shards(hf_model, tokenizer, prompts: list[tuple[str, str]], work_dir: Path, aux_layers: tuple[int, ...],
@@ -150,6 +141,8 @@ def generate_shards(hf_model, tokenizer, prompts: list[tuple[str, str]], work_di
     `temperature` (the key records which: '<key>#greedy' or '<key>#t0.7'). Stops starting batches after `deadline`.
     """
     from tqdm import tqdm
+
+    from .data import write_shard
 
     work_dir.mkdir(parents=True, exist_ok=True)
     index_path = work_dir / "index.json"
@@ -183,7 +176,7 @@ def generate_shards(hf_model, tokenizer, prompts: list[tuple[str, str]], work_di
         tag = "greedy" if temperature_b == 0 else f"t{temperature_b:g}"
         keys = [f"{batch[row['b']][0]}#{tag}" for row in rows]
         if rows:
-            write_shard(work_dir, index, keys, rows)
+            write_shard(work_dir, index, keys, rows_to_shard(rows))
         new_tokens += sum(row["text_tokens"] for row in rows)
         bar.update(1)
         bar.set_postfix(new_tok_s=f"{new_tokens / (time.time() - start):.0f}")
