@@ -1,4 +1,5 @@
-"""NanoSpec demo: plain EAGLE and EAGLE + NanoSpec side by side (EAGLE-2's dynamic tree, the shipped head), on CPU.
+"""NanoSpec demo: plain decoding, plain EAGLE and EAGLE + NanoSpec side by side (EAGLE-2's dynamic tree, the
+shipped head), on CPU, with a round view of the draft trees and the temporal-locality view.
 
     python app.py                      # the embedded Qwen2.5-Coder-0.5B-Instruct with its shipped head
     NANOSPEC_MODEL=/path/to/model NANOSPEC_HEAD=random NANOSPEC_DTYPE=float32 python app.py
@@ -8,27 +9,28 @@ machine, nanospec_core/machine.py; the app's Precision control switches to float
 (default: the shipped default head, paths.HEAD_KINDS; else a random one with a warning banner),
 NANOSPEC_QUESTIONS (the Spec-Bench file of the Benchmark tab), NANOSPEC_ANY_MODEL=1 (let users load hub ids and
 local folders, not only the packaged models), GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (read by Gradio).
-Layout and wiring only: the alternating runs are nanospec_core.compare, the charts and tables nanospec_core.ui.
+Layout and wiring only: the alternating runs are nanospec_core.compare, the charts and tables nanospec_core.ui,
+the round view nanospec_core.round_view, the locality view nanospec_core.locality_view.
 """
 from __future__ import annotations
 
 import os
 import sys
-import threading
 import time
 import traceback
-from collections import OrderedDict
 
 import gradio as gr
+import torch
 
-from nanospec_core import ui
-from nanospec_core.compare import RunTrace, compare_runs, first_difference, top2_margin
+from nanospec_core import locality_view, ui
+from nanospec_core.compare import DEFAULT_METHODS, RunTrace, compare_runs, first_difference, top2_margin
 from nanospec_core.config import METHODS, GenerationConfig
 from nanospec_core.errors import NanoSpecError
 from nanospec_core.machine import on_zero_gpu
-from nanospec_core.models.loading import PACKAGED, model_key
-from nanospec_core.paths import ASSETS, DEFAULT_QUESTIONS, shipped_head_dir
+from nanospec_core.paths import ASSETS, DEFAULT_QUESTIONS
+from nanospec_core.round_view import drafted_rounds, round_view
 from nanospec_core.session import Session
+from nanospec_core.session_cache import SessionCache
 
 try:  # Hugging Face ZeroGPU Spaces: request a GPU for the generation function; a no-op everywhere else
     import spaces
@@ -46,81 +48,12 @@ QUESTIONS = str(DEFAULT_QUESTIONS)  # NANOSPEC_QUESTIONS overrides it (nanospec_
 UPDATE_EVERY_S = 0.25  # texts and table refresh at most this often (the last round always shows)
 CHART_EVERY_S = 1.5  # charts and the locality view: plotly redraws are the browser's heaviest work
 SETTINGS = list(ui.LIMITS)  # max_new_tokens, temperature, seed, depth, top_k, total_tokens, capacity, ...
-OUTPUTS = ["eagle_text", "nanospec_text", "status", "identical", "summary", "vocab_plot", "latency_plot",
-           "locality", "growth_plot"]  # order of the compare handler's updates (and of /compare's outputs)
+LANES = DEFAULT_METHODS  # plain decoding (the reference), plain EAGLE, EAGLE + NanoSpec: one round each in turn
+OUTPUTS = ["plain_text", "eagle_text", "nanospec_text", "status", "identical", "summary", "vocab_plot",
+           "latency_plot", "locality", "growth_plot", "origins", "round_slider", "nanospec_tree", "eagle_tree",
+           "round_details", "rounds"]  # order of the compare handler's updates; /compare returns all but `rounds`
 
-EXAMPLES = [  # (label, prompt): one per task kind
-    ("code", "Write a Python function `is_palindrome(s)` that ignores case and punctuation, with a short docstring "
-             "and three doctest examples."),
-    ("code edit", "Rename the variable `lst` to `numbers` everywhere in this code and add type hints:\n\n"
-                  "def mean(lst):\n    total = 0\n    for x in lst:\n        total += x\n"
-                  "    return total / len(lst)\n"),
-    ("chat", "I have a job interview tomorrow and I'm nervous. Give me five practical tips to prepare tonight."),
-    ("math", "A train travels 180 km in 2 hours and then 120 km in 1.5 hours. What is its average speed over the "
-             "whole trip? Explain step by step."),
-    ("summarisation", "Summarize in two sentences: Speculative decoding speeds up language model inference by letting "
-                      "a small draft model propose several tokens that the large target model then verifies in a "
-                      "single forward pass. Because verification accepts exactly the tokens the target would have "
-                      "produced, the output is unchanged, while the number of expensive target passes drops."),
-    ("translation", "Translate into French: The meeting has been moved to Thursday at ten o'clock. Please bring the "
-                    "quarterly report and let me know if you cannot attend."),
-]
-
-
-class SessionCache:
-    """Loaded sessions by model name (at most `size`, least recently used dropped), with a head fallback note."""
-
-    def __init__(self, default_model: str = MODEL, dtype: str = DTYPE, head: str | None = HEAD, size: int = 2,
-                 any_model: bool = ANY_MODEL):
-        self.default_model, self.dtype, self.head, self.size = default_model, dtype, head, size
-        by_key: dict[str, str] = {}  # one name per distinct model ('embedded' is qwen2.5-coder-0.5b)
-        for name in (default_model, *PACKAGED):
-            by_key.setdefault(model_key(name), name)
-        self.choices = list(by_key.values())  # what a public demo may load
-        self.any_model = any_model  # also hub ids and local folders (downloads, disk: off unless asked for)
-        self.sessions: OrderedDict[tuple[str, str], Session] = OrderedDict()  # (model, dtype) -> session
-        self.notes: dict[str, str] = {}  # model -> warning shown with its results (random head)
-        self.lock = threading.Lock()
-
-    def head_for(self, model: str) -> str | None:
-        if model == self.default_model and self.head:
-            return self.head
-        if (shipped_head_dir(model_key(model)) / "config.json").exists():
-            return None
-        self.notes[model] = (f"No trained EAGLE head ships for model '{model}': it runs with a RANDOM head, so "
-                             "few drafts are accepted and the speedups shown are not representative.")
-        return "random"
-
-    def loaded(self, model: str, dtype: str | None = None) -> bool:
-        return (model, dtype or self.dtype) in self.sessions
-
-    def get(self, model: str, dtype: str | None = None) -> Session:
-        """The session of `model` in `dtype` ('auto' = measured fastest, 'float32'), loaded on first use; the
-        device is auto: CUDA where there is a GPU."""
-        dtype = dtype or self.dtype
-        with self.lock:
-            if (model, dtype) in self.sessions:
-                self.sessions.move_to_end((model, dtype))
-                return self.sessions[(model, dtype)]
-            if not self.any_model and model not in self.choices:
-                raise NanoSpecError(f"model '{model}' is not served here: choose {', '.join(self.choices)} "
-                                    "(NANOSPEC_ANY_MODEL=1 also allows hub ids and local folders)")
-            print(f"nanospec app: loading model '{model}' ({dtype}) ...", flush=True)
-            started = time.perf_counter()
-            session = Session(model, dtype=dtype, device="auto", head=self.head_for(model))
-            session.head  # load the draft head now: a bad head fails here, not mid-run
-            print(f"nanospec app: {session.runtime.describe()}", flush=True)
-            if not on_zero_gpu():  # measuring the tree runs kernels: on ZeroGPU only inside @spaces.GPU calls
-                choice = session.tree_choice()
-                print(f"nanospec app: tree {vars(choice.tree)} ({choice.reason})", flush=True)
-            self.sessions[(model, dtype)] = session
-            while len(self.sessions) > self.size:
-                self.sessions.popitem(last=False)
-            print(f"nanospec app: '{model}' ready in {time.perf_counter() - started:.1f} s", flush=True)
-            return session
-
-
-SESSIONS = SessionCache()
+SESSIONS = SessionCache(MODEL, DTYPE, HEAD, any_model=ANY_MODEL)
 
 
 def user_error(error: Exception) -> gr.Error:
@@ -141,7 +74,8 @@ def check_precision(label) -> str:
 
 
 def prepare(prompt, model, values: dict, precision=None):
-    """Checked inputs -> (session, prompt ids, gen, tree, vocab); gr.Error with one clear line if anything is off."""
+    """Checked inputs -> (session, prompt ids, gen, tree, vocab, (model, dtype)); gr.Error with one clear line if
+    anything is off."""
     try:
         prompt = ui.check_prompt(prompt)
         model = ui.check_model_name(model)
@@ -152,20 +86,23 @@ def prepare(prompt, model, values: dict, precision=None):
         session = SESSIONS.get(model, dtype)
         if model in SESSIONS.notes and model != SESSIONS.default_model:  # the default's note is the banner
             gr.Warning(SESSIONS.notes[model])
-        return session, session.encode(prompt), gen, tree, vocab
+        return session, session.encode(prompt), gen, tree, vocab, (model, dtype)
     except Exception as error:  # noqa: BLE001 - every failure becomes a message; the app stays up
         raise user_error(error) from None
 
 
 class View:
-    """Turns ComparePairs into the compare outputs; keeps the axes and the decoded locality pieces between rounds.
+    """Turns Snapshots into the compare outputs; keeps the axes and the decoded locality pieces between rounds.
 
-    Texts, status and table refresh every UPDATE_EVERY_S; the charts and the locality view (heavier to send and to
-    draw in the browser) every CHART_EVERY_S, and always with the last round.
+    Texts, status and table refresh every UPDATE_EVERY_S; the charts, the locality view and the round view (heavier
+    to send and to draw in the browser) every CHART_EVERY_S, and always with the last round. While running, the
+    round view follows the newest round; once done it shows the round with the longest accepted path.
     """
 
-    def __init__(self, session: Session, gen: GenerationConfig, capacity: int, prompt_ids=None):
+    def __init__(self, session: Session, gen: GenerationConfig, capacity: int, prompt_ids=None,
+                 key: tuple[str, str] | None = None):
         self.session, self.gen, self.prompt_ids = session, gen, prompt_ids
+        self.key = key  # (model, precision) of SESSIONS: the round view's later redraws find the session by it
         self.axes = ui.ChartAxes(gen.max_new_tokens, capacity)
         self.pieces: list[str] = []
         self.last_update = self.last_charts = 0.0
@@ -173,34 +110,55 @@ class View:
     def due(self, done: bool) -> bool:
         return done or time.perf_counter() - self.last_update >= UPDATE_EVERY_S
 
-    def margin(self, left, right, done: bool) -> float | None:
-        """The target's top-2 logit margin at the first greedy difference, once both runs are done."""
-        if not done or self.gen.temperature > 0 or self.prompt_ids is None:
-            return None
-        position = first_difference(left.token_ids, right.token_ids)
-        if position is None or position >= min(len(left.token_ids), len(right.token_ids)):
-            return None
-        return top2_margin(self.session.target, self.prompt_ids, left.token_ids[:position])[0]
+    def margins(self, traces, done: bool) -> dict[str, float]:
+        """Per lane, the target's top-2 logit margin at its first greedy difference from plain decoding (done, bf16)."""
+        if not done or self.gen.temperature > 0 or self.prompt_ids is None or self.session.dtype == torch.float32:
+            return {}
+        reference, found = traces[0].token_ids, {}
+        for trace in traces[1:]:
+            position = first_difference(reference, trace.token_ids)
+            if position is not None and position < min(len(reference), len(trace.token_ids)):
+                found[trace.method] = top2_margin(self.session.target, self.prompt_ids, reference[:position])[0]
+        return found
 
-    def render(self, left, right, done: bool) -> tuple:
+    def rounds_update(self, snap, done: bool) -> dict:
+        """The slider, both trees and the details for the round to show now, and the state the slider reads."""
+        nanospec, eagle = snap["nanospec"], snap["eagle"]
+        rounds = drafted_rounds(nanospec)
+        if not rounds:
+            return {}
+        pick = rounds[-1]
+        if done:
+            pick = max(nanospec.rounds, key=lambda s: (len(s.tree.path) if s.tree else -1, -s.round)).round
+        view = round_view(nanospec, eagle, pick, self.session.decode, self.session.target.vocab_size)
+        return {"round_slider": gr.Slider(minimum=rounds[0], maximum=max(rounds[-1], rounds[0] + 1), value=pick,
+                                          interactive=True),
+                "nanospec_tree": view.nanospec_figure, "eagle_tree": view.eagle_figure,
+                "round_details": view.details, "rounds": (self.key, snap.traces)}
+
+    def render(self, snap, done: bool) -> tuple:
         now = self.last_update = time.perf_counter()
+        traces, eagle, nanospec = snap.traces, snap["eagle"], snap["nanospec"]
         dtype = str(self.session.dtype).removeprefix("torch.")
         values = {
-            "eagle_text": left.text, "nanospec_text": right.text,
-            "status": ui.status_line(left, right, runtime=self.session.runtime.describe()),
-            "identical": ui.identity_check(left, right, self.gen.temperature, self.session.decode, dtype,
-                                           self.margin(left, right, done)),
-            "summary": ui.summary_frame(left, right),
+            "plain_text": traces[0].text, "eagle_text": eagle.text, "nanospec_text": nanospec.text,
+            "status": ui.status_line(traces, runtime=self.session.runtime.describe()),
+            "identical": ui.identity_check(traces, self.gen.temperature, self.session.decode, dtype,
+                                           self.margins(traces, done)),
+            "summary": ui.summary_frame(traces),
         }
         if done or now - self.last_charts >= CHART_EVERY_S:
             self.last_charts = now
-            self.axes.fit(left, right)
-            self.pieces += ui.token_pieces(self.session.decode, right.token_ids, start=len(self.pieces))
+            self.axes.fit(eagle, nanospec)
+            self.pieces += locality_view.token_pieces(self.session.decode, nanospec.token_ids, start=len(self.pieces))
+            vocab_size = self.session.target.vocab_size
             values.update({
-                "vocab_plot": ui.vocab_hit_figure(right, self.axes, self.session.target.vocab_size),
-                "latency_plot": ui.latency_figure(left, right, self.axes),
-                "locality": ui.locality_spans(self.pieces, ui.token_labels(right)),
-                "growth_plot": ui.growth_figure(right, self.gen.max_new_tokens, self.axes.capacity),
+                "vocab_plot": ui.vocab_hit_figure(nanospec, self.axes, vocab_size),
+                "latency_plot": ui.latency_figure(eagle, nanospec, self.axes),
+                "locality": locality_view.locality_spans(self.pieces, locality_view.token_labels(nanospec)),
+                "growth_plot": locality_view.growth_figure(nanospec, self.gen.max_new_tokens, vocab_size),
+                "origins": locality_view.origin_shares(nanospec),
+                **self.rounds_update(snap, done),
             })
         return tuple(values.get(name, gr.skip()) for name in OUTPUTS)
 
@@ -214,21 +172,35 @@ def compare(prompt: str, model: str = MODEL, max_new_tokens=D["max_new_tokens"],
             capacity=D["capacity"], prompt_topk=D["prompt_topk"], node_topk=D["node_topk"],
             static_core=D["static_core"], fallback_threshold=D["fallback_threshold"],
             precision=next(iter(ui.PRECISIONS))):
-    """Stream plain EAGLE and EAGLE + NanoSpec, alternating rounds; the last update carries both final texts.
-    precision: a ui.PRECISIONS label (or 'auto' / 'float32')."""
+    """Stream plain decoding, plain EAGLE and EAGLE + NanoSpec, one round of each in turn; the last update carries
+    the three final texts. precision: a ui.PRECISIONS label (or 'auto' / 'float32')."""
     arguments = dict(locals())
     values = {name: arguments[name] for name in SETTINGS}
-    session, prompt_ids, gen, tree, vocab = prepare(prompt, model, values, precision)
-    view = View(session, gen, vocab.capacity, prompt_ids)
-    runs = compare_runs(session, prompt_ids, gen, tree, vocab)
+    session, prompt_ids, gen, tree, vocab, key = prepare(prompt, model, values, precision)
+    view = View(session, gen, vocab.capacity, prompt_ids, key)
+    runs = compare_runs(session, prompt_ids, gen, tree, vocab, methods=LANES)
     try:
-        for pair in runs:
-            if view.due(pair.done):
-                yield view.render(pair.left, pair.right, pair.done)
+        for snap in runs:
+            if view.due(snap.done):
+                yield view.render(snap, snap.done)
     except Exception as error:  # noqa: BLE001
         raise user_error(error) from None
     finally:
-        runs.close()  # Stop closes this generator between rounds; this frees both runs' caches right away
+        runs.close()  # Stop closes this generator between rounds; this frees every run's caches right away
+
+
+def show_round(rounds, round_number):
+    """The round view for the slider's round, from the traces the last comparison left in the `rounds` state."""
+    if not rounds:
+        return gr.skip(), gr.skip(), "Run a comparison first."
+    try:
+        (model, dtype), traces = rounds
+        by_method = {trace.method: trace for trace in traces}
+        view = round_view(by_method["nanospec"], by_method.get("eagle"), round_number,
+                          SESSIONS.get(model, dtype).decode, SESSIONS.get(model, dtype).target.vocab_size)
+    except Exception as error:  # noqa: BLE001
+        raise user_error(error) from None
+    return view.nanospec_figure, view.eagle_figure, view.details
 
 
 def question_categories() -> list[str]:
@@ -270,12 +242,32 @@ def slider(name: str, label: str, step=1, info: str | None = None, value=None):
     return gr.Slider(low, high, value=value, step=step, label=label, info=info)
 
 
+def settings_controls(tree: dict, tree_info: str | None) -> list:
+    """The Settings accordion's controls, in SETTINGS order; the tree sliders start at the measured tree."""
+    with gr.Accordion("Settings", open=False):
+        with gr.Row():
+            controls = [slider("max_new_tokens", "max new tokens"),
+                        slider("temperature", "temperature", 0.05, "0 = greedy: all outputs must match"),
+                        gr.Number(ui.DEFAULTS["seed"], label="seed", precision=0)]
+        with gr.Row():
+            controls += [slider("depth", "tree depth", info=tree_info, value=tree.get("depth")),
+                         slider("top_k", "tree top-k", value=tree.get("top_k")),
+                         slider("total_tokens", "tree total tokens", value=tree.get("total_tokens"))]
+        with gr.Row():
+            controls += [slider("capacity", "NanoSpec capacity", 64, "rows of the active set"),
+                         slider("prompt_topk", "prompt top-k"), slider("node_topk", "node top-k"),
+                         slider("static_core", "static core", 256, "always-active frequent ids"),
+                         slider("fallback_threshold", "fallback threshold", 0.05,
+                                "full-vocab round under this hit rate; 0 = off")]
+    return controls
+
+
 def empty_charts() -> dict:
     """The charts before any run, axes for the default settings: the frames are in place (and plotly.js loaded)."""
     left, right = RunTrace("eagle"), RunTrace("nanospec")
     axes = ui.ChartAxes(ui.DEFAULTS["max_new_tokens"], ui.DEFAULTS["capacity"])
     return {"vocab_plot": ui.vocab_hit_figure(right, axes), "latency_plot": ui.latency_figure(left, right, axes),
-            "growth_plot": ui.growth_figure(right, axes.max_new_tokens, axes.capacity)}
+            "growth_plot": locality_view.growth_figure(right, axes.max_new_tokens)}
 
 
 def build_app(banner: str = "", session: Session | None = None) -> gr.Blocks:
@@ -288,8 +280,8 @@ def build_app(banner: str = "", session: Session | None = None) -> gr.Blocks:
         gr.Markdown("# NanoSpec\nEAGLE speculative decoding (EAGLE-2's dynamic tree and the model's shipped head) whose "
                     "draft head scores only the few hundred to few thousand token ids **of this context** instead of "
                     "the whole vocabulary. Training-free, lossless (the target verifies every token), built for "
-                    "CPUs. Left: plain EAGLE. Right: EAGLE + NanoSpec. Both run on the same machine, one round each "
-                    "in turn, so their timings are fair.")
+                    "CPUs. Three lanes on the same machine, one round each in turn so their timings are fair: the "
+                    "target alone (no speculation), plain EAGLE, and EAGLE + NanoSpec.")
         gr.Markdown(f"**Warning:** {banner}", visible=bool(banner), elem_classes="nanospec-banner")
         with gr.Tab("Compare"):
             with gr.Row():
@@ -304,41 +296,43 @@ def build_app(banner: str = "", session: Session | None = None) -> gr.Blocks:
                                               "plain greedy decoding token for token")
                     generate = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop = gr.Button("Stop", variant="stop", elem_id="stop")
-            gr.Examples([[p] for _, p in EXAMPLES], inputs=[prompt], example_labels=[k for k, _ in EXAMPLES],
+            gr.Examples([[p] for _, p in ui.EXAMPLES], inputs=[prompt], example_labels=[k for k, _ in ui.EXAMPLES],
                         cache_examples=False, label="Examples (code, chat, math, summarisation, translation)")
-            with gr.Accordion("Settings", open=False):
-                with gr.Row():
-                    controls = [slider("max_new_tokens", "max new tokens"),
-                                slider("temperature", "temperature", 0.05, "0 = greedy: both outputs must match"),
-                                gr.Number(ui.DEFAULTS["seed"], label="seed", precision=0)]
-                with gr.Row():
-                    controls += [slider("depth", "tree depth", info=tree_info, value=tree.get("depth")),
-                                 slider("top_k", "tree top-k", value=tree.get("top_k")),
-                                 slider("total_tokens", "tree total tokens", value=tree.get("total_tokens"))]
-                with gr.Row():
-                    controls += [slider("capacity", "NanoSpec capacity", 64, "rows of the active set"),
-                                 slider("prompt_topk", "prompt top-k"), slider("node_topk", "node top-k"),
-                                 slider("static_core", "static core", 256, "always-active frequent ids"),
-                                 slider("fallback_threshold", "fallback threshold", 0.05,
-                                        "full-vocab round under this hit rate; 0 = off")]
+            controls = settings_controls(tree, tree_info)
             status = gr.Markdown(elem_id="status")
+            summary = gr.Dataframe(label="Speed (vs plain decoding: the target alone; vs EAGLE: the same tree with "
+                                         "the full-vocabulary draft lm head)", interactive=False, elem_id="summary")
             with gr.Row(equal_height=True):
-                eagle_text = gr.Textbox(label="Plain EAGLE", lines=12, max_lines=24, interactive=False,
-                                        elem_id="eagle-output", buttons=["copy"])
-                nanospec_text = gr.Textbox(label="EAGLE + NanoSpec", lines=12, max_lines=24, interactive=False,
-                                           elem_id="nanospec-output", buttons=["copy"])
+                text_box = lambda label, key: gr.Textbox(  # noqa: E731
+                    label=label, lines=10, max_lines=20, interactive=False, elem_id=key, buttons=["copy"])
+                plain_text = text_box("Plain decoding (no speculation)", "plain-output")
+                eagle_text = text_box("Plain EAGLE", "eagle-output")
+                nanospec_text = text_box("EAGLE + NanoSpec", "nanospec-output")
             identical = gr.Markdown(elem_id="identical")
-            summary = gr.Dataframe(label="Summary (speedup = NanoSpec tokens/s over EAGLE's)", interactive=False)
+            locality = gr.HighlightedText(label="NanoSpec's output by where each token's id entered the active set "
+                                                "(red, a miss: outside it, the draft could not have proposed it)",
+                                          color_map=locality_view.LOCALITY_COLORS, show_legend=True,
+                                          combine_adjacent=False, elem_id="locality")
+            with gr.Group():
+                gr.Markdown("### One round, drafted and verified\nPick a round: the tree NanoSpec's head drafted "
+                            "(bold green: the branch the target accepted; star: the target's bonus token, red when "
+                            "it was outside the active set), and EAGLE's tree at the same output position.")
+                round_slider = gr.Slider(1, 2, value=1, step=1, label="round", interactive=False,
+                                         elem_id="round-slider")
+                round_details = gr.Markdown("Run a comparison first.", elem_id="round-details")
+                with gr.Row():
+                    nanospec_tree = gr.Plot(label="NanoSpec's draft tree", show_label=False, elem_id="nanospec-tree")
+                    eagle_tree = gr.Plot(label="EAGLE's draft tree", show_label=False, elem_id="eagle-tree")
             with gr.Row():
                 vocab_plot = gr.Plot(charts["vocab_plot"], label="Active vocabulary", show_label=False)
                 latency_plot = gr.Plot(charts["latency_plot"], label="Draft latency", show_label=False)
         with gr.Tab("Temporal locality"):
-            gr.Markdown("NanoSpec's output, each token coloured by where its id entered the active set (red: it was "
-                        "not in the set, the target supplied it). Run a comparison first.")
-            locality = gr.HighlightedText(label="NanoSpec output by token origin", color_map=ui.LOCALITY_COLORS,
-                                          show_legend=True, combine_adjacent=False, elem_id="locality")
-            growth_plot = gr.Plot(charts["growth_plot"], label="Growth of the active set", show_label=False)
-            gr.Markdown(ui.LOCALITY_NOTE)
+            gr.Markdown(locality_view.LOCALITY_NOTE)
+            with gr.Row():
+                growth_plot = gr.Plot(charts["growth_plot"], label="Growth of the active set", show_label=False,
+                                      scale=3)
+                origins = gr.Dataframe(label="Committed tokens by origin (NanoSpec)", interactive=False, scale=1,
+                                       elem_id="origins")
         with gr.Tab("Benchmark"):
             categories = question_categories()
             gr.Markdown(f"A small Spec-Bench selection (first turns of `{QUESTIONS}`), every method on every prompt "
@@ -358,11 +352,17 @@ def build_app(banner: str = "", session: Session | None = None) -> gr.Blocks:
             with gr.Row():
                 bench_speedup, bench_split = gr.Plot(show_label=False), gr.Plot(show_label=False)
 
-        outputs = {"eagle_text": eagle_text, "nanospec_text": nanospec_text, "status": status,
-                   "identical": identical, "summary": summary, "vocab_plot": vocab_plot,
-                   "latency_plot": latency_plot, "locality": locality, "growth_plot": growth_plot}
+        rounds = gr.State()
+        outputs = {"plain_text": plain_text, "eagle_text": eagle_text, "nanospec_text": nanospec_text,
+                   "status": status, "identical": identical, "summary": summary, "vocab_plot": vocab_plot,
+                   "latency_plot": latency_plot, "locality": locality, "growth_plot": growth_plot,
+                   "origins": origins, "round_slider": round_slider, "nanospec_tree": nanospec_tree,
+                   "eagle_tree": eagle_tree, "round_details": round_details, "rounds": rounds}
         run = generate.click(compare, [prompt, model, *controls, precision], [outputs[name] for name in OUTPUTS],
                              api_name="compare", concurrency_id="cpu", show_progress="minimal")
+        round_slider.input(show_round, [rounds, round_slider], [nanospec_tree, eagle_tree, round_details],
+                           api_visibility="private", trigger_mode="always_last", concurrency_limit=None,
+                           show_progress="hidden")
         stop.click(None, None, None, cancels=[run], api_visibility="private")
         run_bench.click(benchmark, [bench_categories, bench_limit, bench_tokens, bench_methods, model, *controls,
                                     precision],
@@ -374,7 +374,7 @@ def warm_up(session: Session) -> None:
     """One short comparison, thrown away: first-call costs (allocator, kernels) stay out of the first user's run."""
     started = time.perf_counter()
     gen, tree, vocab = ui.parse_settings(max_new_tokens=8)
-    for _ in compare_runs(session, session.encode("Hello"), gen, tree, vocab, decode_text=False):
+    for _ in compare_runs(session, session.encode("Hello"), gen, tree, vocab, methods=LANES, decode_text=False):
         pass
     print(f"nanospec app: warmed up in {time.perf_counter() - started:.1f} s", flush=True)
 

@@ -1,16 +1,16 @@
-"""Two methods on one prompt, run round by round in alternation, so neither steals the CPU from the other.
+"""Several methods on one prompt, run round by round in alternation, so none steals the CPU from the others.
 
-The app's side-by-side view (plain EAGLE left, EAGLE + NanoSpec right) needs both runs live at once. Running them
-in two threads would make them fight over the same cores and spoil both timings; running one after the other would
-keep the user waiting twice. Instead ONE generator calls `next()` on the two `Session.stream` generators in turn:
-each round runs alone on the machine, and each run's clock counts only the time spent inside its own `next()` calls
-(its prefill included), so tokens/s stay comparable.
+The app's lanes (plain decoding, plain EAGLE, EAGLE + NanoSpec) need all runs live at once. Running them in threads
+would make them fight over the same cores and spoil every timing; running one after the other would keep the user
+waiting three times. Instead ONE generator calls `next()` on the `Session.stream` generators in turn: each round
+runs alone on the machine, and each run's clock counts only the time spent inside its own `next()` calls (its
+prefill included), so tokens/s stay comparable.
 
-    for pair in compare_runs(session, session.encode("Write a quicksort."), GenerationConfig(max_new_tokens=64)):
-        print(pair.left.text, "|", pair.right.text)
-    # pair.done once both finished; first_difference(pair.left.token_ids, pair.right.token_ids) at temperature 0
+    for snap in compare_runs(session, session.encode("Write a quicksort."), GenerationConfig(max_new_tokens=64)):
+        print(" | ".join(trace.text for trace in snap.traces))
+    # snap.done once all finished; snap["nanospec"] is one method's trace; first_difference(a, b) at temperature 0
 
-Closing the generator (Stop in the app, or an abandoned client) closes both inner generators right away, which
+Closing the generator (Stop in the app, or an abandoned client) closes every inner generator right away, which
 frees their KV caches and vocabulary buffers.
 """
 from __future__ import annotations
@@ -24,7 +24,9 @@ from .config import GenerationConfig, TreeConfig, VocabConfig
 from .decoding.request import Clock
 from .metrics import RunSummary, StepStats, summarize
 
-DEFAULT_METHODS = ("eagle", "nanospec")  # left: plain EAGLE-2 (full-vocab draft lm head); right: EAGLE + NanoSpec
+# The app's lanes: the target alone (our KV-cached loop, one token per forward), plain EAGLE-2 (full-vocabulary
+# draft lm head) and EAGLE-2 + NanoSpec. The first is the reference every speedup and equality check is against.
+DEFAULT_METHODS = ("vanilla", "eagle", "nanospec")
 
 
 @dataclass
@@ -48,16 +50,18 @@ class RunTrace:
 
 
 @dataclass
-class ComparePair:
-    """A snapshot after each alternation: the two traces (live objects, updated in place) and what changed."""
+class Snapshot:
+    """After each alternation: every method's trace (live objects, updated in place) and what changed."""
 
-    left: RunTrace
-    right: RunTrace
+    traces: tuple[RunTrace, ...]
     new_steps: dict[str, StepStats]  # method -> the round it produced in this alternation
+
+    def __getitem__(self, method: str) -> RunTrace:
+        return next(trace for trace in self.traces if trace.method == method)
 
     @property
     def done(self) -> bool:
-        return self.left.finished and self.right.finished
+        return all(trace.finished for trace in self.traces)
 
 
 def _advance(trace: RunTrace, stream: Iterator[StepStats], clock) -> StepStats | None:
@@ -75,13 +79,15 @@ def _advance(trace: RunTrace, stream: Iterator[StepStats], clock) -> StepStats |
 
 
 def compare_runs(session, prompt_ids: torch.Tensor, gen: GenerationConfig, tree: TreeConfig | None = None,
-                 vocab: VocabConfig | None = None, methods: tuple[str, str] = DEFAULT_METHODS,
-                 decode_text: bool = True) -> Iterator[ComparePair]:
-    """Alternate one round of each method until both finish; yield a ComparePair after every alternation.
+                 vocab: VocabConfig | None = None, methods: tuple[str, ...] = DEFAULT_METHODS,
+                 decode_text: bool = True) -> Iterator[Snapshot]:
+    """Alternate one round of each method until all finish; yield a Snapshot after every alternation.
 
-    Both streams are created (head and vocabulary policy set up) before either clock starts. With decode_text the
+    Every stream is created (head and vocabulary policy set up) before any clock starts. With decode_text the
     traces' `text` is refreshed for the methods that advanced.
     """
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"methods must be distinct, got {methods}")
     tree, vocab = tree or session.tree_choice().tree, vocab or VocabConfig()
     clock = Clock(session.target.device)
 
@@ -100,7 +106,7 @@ def compare_runs(session, prompt_ids: torch.Tensor, gen: GenerationConfig, tree:
                     new_steps[trace.method] = step
                     if decode_text:
                         trace.text = session.decode(trace.token_ids)
-            yield ComparePair(traces[0], traces[1], new_steps)
+            yield Snapshot(tuple(traces), new_steps)
     finally:
         for stream in streams:  # GeneratorExit into the engine loops: their caches are released now
             close = getattr(stream, "close", None)

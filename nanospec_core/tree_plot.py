@@ -3,7 +3,8 @@
 Nodes sit by depth (x) in a tidy layout (y: leaves in depth-first order, each parent centred over its children),
 so a subtree never crosses another. The root is the last committed token; the accepted path is drawn bold, the
 rejected branches faded, and the target's bonus token (its own choice after the last accepted node, the one the
-draft did not propose) is a star. Hovering a node shows its token, its draft probability given its parent and the
+draft did not propose) is a star, red when its id was outside NanoSpec's active set (a miss: no draft from that
+set could have proposed it). Hovering a node shows its token, its draft probability given its parent and the
 cumulative probability of the path (the score EAGLE-2 ranks by). Legible up to EAGLE's GPU preset (60 nodes).
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Callable
 
 from .metrics import TreeView
 
-COLORS = {"accepted": "#2ca02c", "rejected": "#b0b0b0", "bonus": "#ff7f0e", "root": "#1f77b4"}
+COLORS = {"accepted": "#2ca02c", "rejected": "#b0b0b0", "bonus": "#ff7f0e", "miss": "#e45756", "root": "#1f77b4"}
 
 
 def layout(parents: list[int]) -> tuple[list[int], list[float]]:
@@ -39,8 +40,9 @@ def layout(parents: list[int]) -> tuple[list[int], list[float]]:
     return depth, [v - root_y for v in y]
 
 
-def tree_figure(tree: TreeView, decode: Callable[[int], str], title: str = ""):
-    """The figure for one round (see the module docstring); decode(token id) -> its text."""
+def tree_figure(tree: TreeView, decode: Callable[[int], str], title: str = "", bonus_missed: bool = False):
+    """The figure for one round (see the module docstring); decode(token id) -> its text; bonus_missed: the bonus
+    token was outside the active set."""
     import plotly.graph_objects as go
 
     n = len(tree.tokens)
@@ -68,16 +70,22 @@ def tree_figure(tree: TreeView, decode: Callable[[int], str], title: str = ""):
         fig.add_trace(go.Scatter(
             x=[depth[i] for i in nodes], y=[y[i] for i in nodes], mode="markers+text", name=name,
             text=[decode(tree.tokens[i]) for i in nodes], textposition="top center",
-            hovertext=[hover(i) for i in nodes], hoverinfo="text", marker=dict(size=11 if name == "accepted" else 8, color=COLORS[name])))
+            hovertext=[hover(i) for i in nodes], hoverinfo="text",
+            marker=dict(size=11 if name == "accepted" else 8, color=COLORS[name])))
     last = tree.path[-1] if tree.path else -1
     fig.add_trace(go.Scatter(x=[0], y=[0.0], mode="markers", name="root (last committed)", hoverinfo="name",
                              marker=dict(size=12, color=COLORS["root"], symbol="square")))
+    bonus_text = decode(tree.bonus)
+    note = ("outside the active set: the draft could not have proposed it" if bonus_missed
+            else "the target's own token after the accepted path")
+    color = COLORS["miss" if bonus_missed else "bonus"]
     fig.add_trace(go.Scatter(
-        x=[x_of(last), x_of(last) + 1], y=[y_of(last), y_of(last)], mode="lines+markers+text", name="bonus (target)",
-        text=["", decode(tree.bonus)], textposition="top center", hoverinfo="text",
-        hovertext=["", f"{decode(tree.bonus)!r}: the target's own token after the accepted path"],
-        line=dict(color=COLORS["bonus"], dash="dot"), marker=dict(size=[0, 16], color=COLORS["bonus"], symbol="star")))
-    fig.update_layout(title=title or f"{n} drafted, {len(tree.path)} accepted + 1 bonus", height=380,
+        x=[x_of(last), x_of(last) + 1], y=[y_of(last), y_of(last)], mode="lines+markers+text",
+        name="bonus: a miss (not in the active set)" if bonus_missed else "bonus (target)",
+        text=["", bonus_text], textposition="top center", hoverinfo="text", hovertext=["", f"{bonus_text!r}: {note}"],
+        line=dict(color=color, dash="dot"), marker=dict(size=[0, 16], color=color, symbol="star")))
+    title = title or f"{n} drafted, {len(tree.path)} accepted + 1 bonus"
+    fig.update_layout(title=dict(text=title, font=dict(size=13)), height=380,
                       margin=dict(l=10, r=10, t=40, b=30), legend=dict(orientation="h", y=-0.12),
                       xaxis=dict(title="depth", dtick=1, zeroline=False), yaxis=dict(visible=False))
     return fig

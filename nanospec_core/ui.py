@@ -21,6 +21,24 @@ DEFAULTS = {"max_new_tokens": 128, "temperature": 0.0, "seed": 0, **vars(TreeCon
             **{k: v for k, v in vars(VocabConfig()).items() if k in LIMITS}}
 
 
+EXAMPLES = [  # (label, prompt): one per task kind
+    ("code", "Write a Python function `is_palindrome(s)` that ignores case and punctuation, with a short docstring "
+             "and three doctest examples."),
+    ("code edit", "Rename the variable `lst` to `numbers` everywhere in this code and add type hints:\n\n"
+                  "def mean(lst):\n    total = 0\n    for x in lst:\n        total += x\n"
+                  "    return total / len(lst)\n"),
+    ("chat", "I have a job interview tomorrow and I'm nervous. Give me five practical tips to prepare tonight."),
+    ("math", "A train travels 180 km in 2 hours and then 120 km in 1.5 hours. What is its average speed over the "
+             "whole trip? Explain step by step."),
+    ("summarisation", "Summarize in two sentences: Speculative decoding speeds up language model inference by letting "
+                      "a small draft model propose several tokens that the large target model then verifies in a "
+                      "single forward pass. Because verification accepts exactly the tokens the target would have "
+                      "produced, the output is unchanged, while the number of expensive target passes drops."),
+    ("translation", "Translate into French: The meeting has been moved to Thursday at ten o'clock. Please bring the "
+                    "quarterly report and let me know if you cannot attend."),
+]
+
+
 def _number(name: str, value) -> float | int:
     low, high, integer = LIMITS[name]
     label = name.replace("_", " ")
@@ -116,7 +134,7 @@ class ChartAxes:
             self.latency_ms *= 2
 
 
-def _layout(fig, title: str, x_max: float, x_title: str, y_range, y_title: str, height: int = 360):
+def chart_layout(fig, title: str, x_max: float, x_title: str, y_range, y_title: str, height: int = 360):
     fig.update_layout(title=dict(text=title, font=dict(size=14)), template="plotly_white", height=height,
                       margin=dict(l=55, r=55, t=40, b=95), uirevision="fixed", barmode="stack",
                       legend=dict(orientation="h", yanchor="top", y=-0.22, x=0, font=dict(size=11)))
@@ -152,7 +170,7 @@ def vocab_hit_figure(right: RunTrace, axes: ChartAxes, full_vocab: int | None = 
     title = "NanoSpec: active vocabulary and hit rate per round"
     if full_vocab:
         title += f" (plain EAGLE scores all {full_vocab:,} rows)"
-    _layout(fig, title, axes.rounds, "round", [0, axes.capacity * 1.05], "rows scored by the draft lm head")
+    chart_layout(fig, title, axes.rounds, "round", [0, axes.capacity * 1.05], "rows scored by the draft lm head")
     fig.update_layout(yaxis2=dict(range=[0, 1.05], overlaying="y", side="right", title="hit rate",
                                   tickformat=".0%", showgrid=False))
     return fig
@@ -173,106 +191,40 @@ def latency_figure(left: RunTrace, right: RunTrace, axes: ChartAxes):
                     name="EAGLE draft", line=dict(color=COLORS["eagle"], width=2), marker=dict(size=4))
     fig.add_scatter(x=[s.round for s in eagle], y=[s.lm_head_ms for s in eagle], mode="lines",
                     name="EAGLE lm head", line=dict(color=COLORS["lm_head"], width=1.5, dash="dot"))
-    return _layout(fig, "Draft latency per round", axes.rounds, "round", [0, axes.latency_ms or 1.0], "ms")
-
-
-def growth_figure(right: RunTrace, max_new_tokens: int, capacity: int):
-    """NanoSpec: active-set size against tokens generated, next to the distinct ids the output has used."""
-    import plotly.graph_objects as go
-
-    produced, sizes, distinct_counts, seen = [], [], [], set()
-    total = 0
-    for step in right.steps:
-        total += len(step.tokens)
-        seen.update(step.tokens)
-        if step.round > 0 and step.active_vocab is not None and not step.fallback:
-            produced.append(total)
-            sizes.append(step.active_vocab)
-            distinct_counts.append(len(seen))
-    fig = go.Figure()
-    fig.add_scatter(x=produced, y=sizes, mode="lines", name="active set", line=dict(color=COLORS["vocab"], width=2))
-    fig.add_scatter(x=produced, y=distinct_counts, mode="lines", name="distinct ids in the output",
-                    line=dict(color=COLORS["distinct"], width=2, dash="dash"))
-    top = max([capacity] + sizes) * 1.05
-    return _layout(fig, "Growth of the active set", max_new_tokens, "tokens generated", [0, top], "token ids",
-                   height=280)
+    return chart_layout(fig, "Draft latency per round", axes.rounds, "round", [0, axes.latency_ms or 1.0], "ms")
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Temporal-locality view: each committed token coloured by where its id entered the active set.
+# Summary table, the equality check, the status line. Lanes are RunTraces in the app's order: the reference first
+# (plain decoding, the target alone), then the speculative methods.
 
-ORIGIN_LABELS = {"prompt": "prompt", "prompt-topk": "prompt top-k", "output": "earlier output",
-                 "node-topk": "tree top-k", "draft": "earlier draft", "static-core": "static core",
-                 "special": "special", "": "miss"}
-LOCALITY_COLORS = {"prompt": "#4c78a8", "prompt top-k": "#9ecae9", "earlier output": "#54a24b",
-                   "tree top-k": "#72b7b2", "earlier draft": "#eeca3b", "static core": "#bab0ac",
-                   "special": "#b279a2", "miss": "#e45756", "hit": "#54a24b"}
-LOCALITY_NOTE = """
-**Why a tiny vocabulary suffices: temporal locality.** Text reuses its own words. A function name, a variable, a
-person's name or the phrase being translated appears in the prompt and comes back again and again in the answer;
-the tokens a model emits next are mostly tokens it has just seen, or close relatives the target itself ranked highly.
-NanoSpec's draft head therefore scores only the ids of *this* context (the prompt, the target's top-k at each prompt
-position and at each verified tree node, and what it already wrote), a few hundred to a few thousand rows instead of
-the whole vocabulary (150k for Qwen). Verification by the target is unchanged, so the output stays exactly the
-target's; a token outside the set (red, a *miss*) only means the draft could not propose it and the target supplies
-it as the bonus token. The set grows fast at first, then slowly: each new sentence mostly reuses ids already in it.
-"""
+LANE_LABELS = {"vanilla": "Plain decoding", "hf": "transformers generate", "eagle": "EAGLE",
+               "static": "EAGLE + FR-Spec (static vocab)", "nanospec": "EAGLE + NanoSpec"}
 
 
-def token_pieces(decode, ids: list[int], start: int = 0, window: int = 6) -> list[str]:
-    """The text each id adds (ids[start:]), from short windowed decodes: linear time, multi-byte characters kept.
-
-    A piece that ends inside a UTF-8 character is left empty; its text shows with the token that completes it.
-    """
-    pieces = []
-    for i in range(start, len(ids)):
-        low = max(0, i - window)
-        before = decode(ids[low:i]).rstrip("\ufffd")
-        text = decode(ids[low: i + 1])
-        pieces.append("" if text.endswith("\ufffd") else text[len(before):])
-    return pieces
+def lane_label(method: str) -> str:
+    return LANE_LABELS.get(method, method)
 
 
-def token_labels(trace: RunTrace) -> list[str | None]:
-    """Per committed token: its origin label ('miss' if it was not active), 'hit'/'miss' when the policy does not
-    report origins, None for the prefill's first token (no draft proposed it)."""
-    labels: list[str | None] = []
-    for step in trace.steps:
-        hits, origins = step.hits, step.origins
-        for i in range(len(step.tokens)):
-            if step.round == 0 or hits is None or i >= len(hits):
-                labels.append(None)
-            elif not hits[i]:
-                labels.append("miss")
-            elif origins is not None and i < len(origins) and origins[i]:
-                labels.append(ORIGIN_LABELS.get(origins[i], origins[i]))
-            else:
-                labels.append("hit")
-    return labels
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
 
 
-def locality_spans(pieces: list[str], labels: list[str | None]) -> list[tuple[str, str | None]]:
-    """HighlightedText value: (text, category) per token, empty pieces dropped."""
-    return [(piece, label) for piece, label in zip(pieces, labels) if piece]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Summary table and the equality check.
-
-def summary_frame(left: RunTrace, right: RunTrace, labels=("EAGLE", "EAGLE + NanoSpec")) -> pd.DataFrame:
-    """One row per method: tokens/s, speedup vs the left method, tau, draft/verify ms per round, vocab, coverage."""
+def summary_frame(traces: list[RunTrace] | tuple[RunTrace, ...]) -> pd.DataFrame:
+    """One row per lane: tokens/s, speedup vs the first lane (plain decoding) and vs EAGLE, tau, draft/verify ms
+    per round, active vocabulary, coverage."""
+    tps = {t.method: (t.summary().tokens_per_s if t.wall_s > 0 else None) for t in traces}
+    reference, eagle = tps[traces[0].method], tps.get("eagle")
     rows = []
-    base_tps = None
-    for trace, label in zip((left, right), labels):
+    for trace in traces:
         s = trace.summary()
-        tps = s.tokens_per_s if s.wall_s > 0 else None
-        base_tps = tps if base_tps is None else base_tps
         rows.append({
-            "method": label,
-            "tokens/s": round(tps, 2) if tps else None,
-            "speedup": round(tps / base_tps, 3) if tps and base_tps else None,
+            "method": lane_label(trace.method),
+            "tokens/s": round(tps[trace.method], 2) if tps[trace.method] else None,
+            f"vs {lane_label(traces[0].method).lower()}": _ratio(tps[trace.method], reference),
+            "vs EAGLE": _ratio(tps[trace.method], eagle) if trace.method not in ("eagle", traces[0].method) else None,
             "tau": round(s.mean_accepted, 3) if s.mean_accepted is not None else None,
-            "draft ms/round": round(1e3 * s.draft_s / s.rounds, 2) if s.rounds else None,
+            "draft ms/round": round(1e3 * s.draft_s / s.rounds, 2) if s.rounds and s.draft_s else None,
             "verify ms/round": round(1e3 * s.verify_s / s.rounds, 2) if s.rounds else None,
             "avg active vocab": round(s.avg_active_vocab) if s.avg_active_vocab is not None else None,
             "coverage": round(s.coverage, 4) if s.coverage is not None else None,
@@ -285,42 +237,48 @@ def summary_frame(left: RunTrace, right: RunTrace, labels=("EAGLE", "EAGLE + Nan
 PRECISIONS = {"fastest measured": "auto", "float32: exact greedy equality": "float32"}  # app label -> dtype
 
 
-def identity_check(left: RunTrace, right: RunTrace, temperature: float, decode, dtype: str = "float32",
-                   margin: float | None = None) -> str:
-    """Markdown line: are the two outputs the same token for token (meaningful at temperature 0)?
+def identity_check(traces, temperature: float, decode, dtype: str = "float32",
+                   margins: dict[str, float] | None = None) -> str:
+    """Markdown: is every lane's output the first lane's (plain decoding's) token for token (at temperature 0)?
 
     A greedy difference is explained by the precision: in float32 it must not happen (a bug to report); in bf16
-    a batched tree forward and a one-token forward can round differently, and `margin` (the target's top-2 logit
-    gap at the first difference, compare.top2_margin) shows how close the tie was."""
+    a batched tree forward and a one-token forward can round differently, and margins[method] (the target's top-2
+    logit gap at that lane's first difference, compare.top2_margin) shows how close the tie was."""
     if temperature > 0:
-        return ("**Outputs identical:** not expected at temperature > 0: both runs are exact samples of the target's "
-                "distribution, but they consume random numbers differently.")
-    done = left.finished and right.finished
-    n = min(len(left.token_ids), len(right.token_ids))
-    a, b = (left.token_ids, right.token_ids) if done else (left.token_ids[:n], right.token_ids[:n])
-    position = first_difference(a, b)
+        return ("**Outputs identical:** not expected at temperature > 0: every run is an exact sample of the "
+                "target's distribution, but they consume random numbers differently.")
+    reference, others = traces[0], traces[1:]
+    done = all(t.finished for t in traces)
+    n = min(len(t.token_ids) for t in traces)
     scope = "" if done else f" so far ({n} tokens)"
-    if position is None:
-        return f"**Outputs identical{scope}: yes**" + (f" ({len(a)} tokens)" if done else "")
-    ours = decode(a[position: position + 1]) if position < len(a) else "(end)"
-    theirs = decode(b[position: position + 1]) if position < len(b) else "(end)"
-    line = (f"**Outputs identical{scope}: no**, first difference at token {position}: EAGLE {ours!r} vs "
-            f"NanoSpec {theirs!r}")
-    if dtype == "float32":
-        return line + (" -- in float32 greedy outputs must match: this is a bug, please report it with the "
-                       "prompt and settings")
+    ids = lambda t: t.token_ids if done else t.token_ids[:n]  # noqa: E731
+    differences = [(t, first_difference(ids(reference), ids(t))) for t in others]
+    differences = [(t, position) for t, position in differences if position is not None]
+    if not differences:
+        return f"**Outputs identical{scope}: yes**, all {len(traces)} lanes" + (f" ({n} tokens)" if done else "")
     short = {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
-    if margin is not None:
-        line += (f"; the target's top-2 logit margin there is {margin:.4g}: a near-tie at {short} resolution: both "
-                 "continuations are the target's greedy choice within rounding")
-    else:
-        line += f"; in {short} a near-tie can round either way"
-    return line + ". Choose float32 precision for exact greedy equality."
+    lines = []
+    for trace, position in differences:
+        a, b = ids(reference), ids(trace)
+        ours = decode(a[position: position + 1]) if position < len(a) else "(end)"
+        theirs = decode(b[position: position + 1]) if position < len(b) else "(end)"
+        line = (f"{lane_label(trace.method)} differs from {lane_label(reference.method).lower()} at token "
+                f"{position}: {theirs!r} vs {ours!r}")
+        margin = (margins or {}).get(trace.method)
+        if dtype == "float32":
+            line += " -- in float32 greedy outputs must match: this is a bug, please report it with the prompt"
+        elif margin is not None:
+            line += (f"; the target's top-2 logit margin there is {margin:.4g}: a near-tie at {short} resolution, "
+                     "both continuations are the target's greedy choice within rounding")
+        else:
+            line += f"; in {short} a near-tie can round either way"
+        lines.append(line)
+    tail = "" if dtype == "float32" else " Choose float32 precision for exact greedy equality."
+    return f"**Outputs identical{scope}: no**: " + "; ".join(lines) + "." + tail
 
 
-def status_line(left: RunTrace, right: RunTrace, stopped: bool = False, runtime: str = "") -> str:
-    """'done: EAGLE n tokens in s, NanoSpec m tokens in s', then where and how it runs (RuntimeChoice.describe)."""
-    state = "stopped" if stopped else ("done" if left.finished and right.finished else "running")
-    line = (f"{state}: EAGLE {len(left.token_ids)} tokens in {left.wall_s:.2f} s, "
-            f"NanoSpec {len(right.token_ids)} tokens in {right.wall_s:.2f} s")
-    return line + (f" · {runtime}" if runtime else "")
+def status_line(traces, stopped: bool = False, runtime: str = "") -> str:
+    """'done: Plain decoding n tokens in s · EAGLE ...', then where and how it runs (RuntimeChoice.describe)."""
+    state = "stopped" if stopped else ("done" if all(t.finished for t in traces) else "running")
+    lanes = ", ".join(f"{lane_label(t.method)} {len(t.token_ids)} tokens in {t.wall_s:.2f} s" for t in traces)
+    return f"{state}: {lanes}" + (f" · {runtime}" if runtime else "")

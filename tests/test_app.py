@@ -1,11 +1,12 @@
 """The Gradio app: its compare handler on a tiny model (streaming, final texts, equality check, errors, Stop), the UI
 helpers it is built from, and the /compare endpoint of the launched app through gradio_client."""
 import gradio as gr
+import pandas as pd
 import pytest
 import torch
 
 import app
-from nanospec_core import ui
+from nanospec_core import locality_view, session_cache, ui
 from nanospec_core.compare import RunTrace, first_difference
 from nanospec_core.config import GenerationConfig, TreeConfig, VocabConfig
 from nanospec_core.decoding.tree_choice import TreeChoice
@@ -48,14 +49,14 @@ def skipped(value) -> bool:
     return isinstance(value, dict) and value.get("__type__") == "update" and len(value) == 1
 
 
-def test_both_texts_stream_and_the_last_update_carries_both_final_texts(model, every_round):
+def test_three_texts_stream_and_the_last_update_carries_the_final_texts(model, every_round):
     updates = [named(u) for u in compare(PROMPT, model, **SMALL)]
     assert len(updates) >= 3
-    assert any(0 < len(u["eagle_text"]) < len(updates[-1]["eagle_text"]) for u in updates[:-1])
-    assert any(0 < len(u["nanospec_text"]) < len(updates[-1]["nanospec_text"]) for u in updates[:-1])
+    for key in ("plain_text", "eagle_text", "nanospec_text"):
+        assert any(0 < len(u[key]) < len(updates[-1][key]) for u in updates[:-1])
     session = app.SESSIONS.get(model)
     gen, tree, vocab = ui.parse_settings(**SMALL)
-    for method, key in (("eagle", "eagle_text"), ("nanospec", "nanospec_text")):
+    for method, key in (("vanilla", "plain_text"), ("eagle", "eagle_text"), ("nanospec", "nanospec_text")):
         assert updates[-1][key] == session.generate(method, PROMPT, gen, tree=tree, vocab=vocab).text
     final = updates[-1]
     assert final["status"].startswith("done")
@@ -65,24 +66,28 @@ def test_both_texts_stream_and_the_last_update_carries_both_final_texts(model, e
 
 def test_greedy_outputs_are_identical_and_the_check_says_so(model):
     final = named(list(compare(PROMPT, model, temperature=0.0, **SMALL))[-1])
-    assert final["eagle_text"] == final["nanospec_text"]
-    assert "Outputs identical: yes" in final["identical"]
+    assert final["plain_text"] == final["eagle_text"] == final["nanospec_text"]
+    assert "Outputs identical: yes**, all 3 lanes" in final["identical"]
 
 
 def test_sampling_check_does_not_claim_identity(model):
     final = named(list(compare(PROMPT, model, temperature=0.8, seed=3, **SMALL))[-1])
-    assert final["eagle_text"] and final["nanospec_text"]
+    assert final["plain_text"] and final["eagle_text"] and final["nanospec_text"]
     assert "temperature > 0" in final["identical"]
 
 
-def test_summary_table_compares_nanospec_with_eagle(model):
+def test_summary_table_gives_speedups_against_plain_decoding_and_eagle(model):
     table = named(list(compare(PROMPT, model, **SMALL))[-1])["summary"]
-    assert list(table.method) == ["EAGLE", "EAGLE + NanoSpec"]
-    for column in ("tokens/s", "tau", "draft ms/round", "speedup", "avg active vocab", "coverage"):
+    assert list(table.method) == ["Plain decoding", "EAGLE", "EAGLE + NanoSpec"]
+    for column in ("tokens/s", "tau", "draft ms/round", "vs plain decoding", "vs EAGLE", "avg active vocab",
+                   "coverage"):
         assert column in table.columns
-    assert table.speedup[0] == 1.0 and table.speedup[1] > 0
-    assert table["avg active vocab"][1] < table["avg active vocab"][0] == app.SESSIONS.get(model).target.vocab_size
-    assert table["new tokens"][0] == table["new tokens"][1] > 0
+    tps, vs_plain, vs_eagle = table["tokens/s"], table["vs plain decoding"], table["vs EAGLE"]
+    assert vs_plain[0] == 1.0 and vs_plain[1] == pytest.approx(tps[1] / tps[0], abs=2e-3)
+    assert vs_eagle[2] == pytest.approx(tps[2] / tps[1], abs=2e-3) and pd.isna(vs_eagle[0]) and pd.isna(vs_eagle[1])
+    assert table["tau"][0] == 1.0 and pd.isna(table["draft ms/round"][0])  # one token per target forward, no draft
+    assert table["avg active vocab"][2] < table["avg active vocab"][1] == app.SESSIONS.get(model).target.vocab_size
+    assert table["new tokens"][0] == table["new tokens"][1] == table["new tokens"][2] > 0
 
 
 @pytest.mark.parametrize("prompt, settings, message", [
@@ -117,7 +122,7 @@ def test_the_handler_still_works_after_errors(model):
     assert final["status"].startswith("done")
 
 
-def test_stop_closes_both_runs_and_frees_their_state(model, every_round, monkeypatch):
+def test_stop_closes_every_run_and_frees_its_state(model, every_round, monkeypatch):
     session = app.SESSIONS.get(model)
     streams = []
     original = session.stream
@@ -132,7 +137,7 @@ def test_stop_closes_both_runs_and_frees_their_state(model, every_round, monkeyp
     second = next(handler)
     assert not named(second)["status"].startswith("done")
     handler.close()  # what Gradio does on Stop (cancels=...), between two rounds
-    assert [s.__name__ for s in streams] == ["speculative_decode", "speculative_decode"]
+    assert [s.__name__ for s in streams] == ["plain_decode", "speculative_decode", "speculative_decode"]
     assert all(s.gi_frame is None for s in streams)  # closed: caches and vocabulary buffers released
     monkeypatch.undo()
     assert named(list(compare(PROMPT, model, **SMALL))[-1])["status"].startswith("done")
@@ -150,7 +155,7 @@ def test_session_cache_keeps_at_most_two_models_and_notes_random_heads(monkeypat
         def tree_choice(self):
             return TreeChoice.fixed(TreeConfig(), "fake")
 
-    monkeypatch.setattr(app, "Session", FakeSession)
+    monkeypatch.setattr(session_cache, "Session", FakeSession)
     cache = app.SessionCache(default_model="a", dtype="float32", head=None, size=2, any_model=True)
     for name in ("a", "b", "a", "c"):
         cache.get(name)
@@ -219,32 +224,32 @@ def test_chart_axes_are_fixed_up_front_and_only_grow():
 
 def test_locality_labels_use_origins_and_fall_back_to_hit_or_miss():
     with_origins = trace("nanospec", 2, hits=[True, False], origins=["prompt-topk", ""])
-    assert ui.token_labels(with_origins) == [None, "prompt top-k", "miss", "prompt top-k", "miss"]
+    assert locality_view.token_labels(with_origins) == [None, "prompt top-k", "miss", "prompt top-k", "miss"]
     without = trace("nanospec", 1, hits=[True, False], origins=None)
-    assert ui.token_labels(without) == [None, "hit", "miss"]
-    assert ui.locality_spans(["a", "", "c"], [None, "hit", "miss"]) == [("a", None), ("c", "miss")]
+    assert locality_view.token_labels(without) == [None, "hit", "miss"]
+    assert locality_view.locality_spans(["a", "", "c"], [None, "hit", "miss"]) == [("a", None), ("c", "miss")]
 
 
 def test_token_pieces_rebuild_the_decoded_text(model):
     session = app.SESSIONS.get(model)
     result = session.generate("nanospec", PROMPT, GenerationConfig(max_new_tokens=40))
-    pieces = ui.token_pieces(session.decode, result.token_ids)
+    pieces = locality_view.token_pieces(session.decode, result.token_ids)
     assert len(pieces) == len(result.token_ids) and "".join(pieces) == result.text
-    assert ui.token_pieces(session.decode, result.token_ids, start=10) == pieces[10:]
+    assert locality_view.token_pieces(session.decode, result.token_ids, start=10) == pieces[10:]
 
 
 def test_identity_check_names_the_first_difference():
     left, right = trace("eagle", 2), trace("nanospec", 2)
     right.token_ids = right.token_ids[:3] + [99] + right.token_ids[4:]
     left.finished = right.finished = True
-    line = ui.identity_check(left, right, 0.0, lambda ids: f"<{ids[0]}>")
-    assert "no" in line and "token 3" in line and "<99>" in line
+    line = ui.identity_check([left, right], 0.0, lambda ids: f"<{ids[0]}>")
+    assert "no" in line and "token 3" in line and "<99>" in line and "EAGLE + NanoSpec differs from" in line
     assert first_difference(left.token_ids, right.token_ids) == 3
 
 
 # --- the launched app over HTTP ------------------------------------------------------------------------------
 
-def test_compare_endpoint_streams_both_texts_over_http(app_server):
+def test_compare_endpoint_streams_the_three_texts_over_http(app_server):
     from gradio_client import Client
 
     client = Client(app_server.url, verbose=False)
@@ -253,8 +258,8 @@ def test_compare_endpoint_streams_both_texts_over_http(app_server):
     job = client.submit(PROMPT, api_name="/compare")  # every other input takes its default
     final = job.result(timeout=120)
     assert len(job.outputs()) >= 2  # streamed: several updates before the last
-    eagle_text, nanospec_text, status, identical = final[:4]
-    assert eagle_text and eagle_text == nanospec_text
+    plain_text, eagle_text, nanospec_text, status, identical = final[:5]
+    assert plain_text and plain_text == eagle_text == nanospec_text
     assert status.startswith("done") and "Outputs identical: yes" in identical
 
 
@@ -262,10 +267,11 @@ def test_a_bf16_divergence_is_explained_with_the_target_margin():
     left, right = trace("eagle", 2), trace("nanospec", 2)
     right.token_ids = right.token_ids[:3] + [99] + right.token_ids[4:]
     left.finished = right.finished = True
-    line = ui.identity_check(left, right, 0.0, lambda ids: f"<{ids[0]}>", dtype="bfloat16", margin=0.0625)
+    line = ui.identity_check([left, right], 0.0, lambda ids: f"<{ids[0]}>", dtype="bfloat16",
+                             margins={"nanospec": 0.0625})
     assert "token 3" in line and "margin there is 0.0625" in line and "near-tie at bf16 resolution" in line
     assert "float32" in line  # the way to exact equality
-    exact = ui.identity_check(left, right, 0.0, lambda ids: f"<{ids[0]}>", dtype="float32")
+    exact = ui.identity_check([left, right], 0.0, lambda ids: f"<{ids[0]}>", dtype="float32")
     assert "bug" in exact and "near-tie" not in exact  # in float32 a difference is never explained away
 
 
@@ -273,13 +279,33 @@ def test_the_status_line_says_where_and_how_it_runs():
     left, right = trace("eagle", 2), trace("nanospec", 2)
     left.finished = right.finished = True
     choice = RuntimeChoice(device="cpu", dtype="bfloat16", speedup=2.6, runner_up="float32", machine="AMD EPYC")
-    line = ui.status_line(left, right, runtime=choice.describe())
+    line = ui.status_line([left, right], runtime=choice.describe())
     assert line.startswith("done") and "bf16: measured 2.6x faster than float32 on this CPU (AMD EPYC)" in line
 
 
 def test_float32_precision_is_one_click_away(model):
     final = named(list(app.compare(PROMPT, model, *(ui.DEFAULTS[n] if n not in SMALL else SMALL[n]
                                                       for n in app.SETTINGS), "float32: exact greedy equality"))[-1])
-    assert final["eagle_text"] == final["nanospec_text"] and "Outputs identical: yes" in final["identical"]
+    assert final["plain_text"] == final["eagle_text"] == final["nanospec_text"]
+    assert "Outputs identical: yes" in final["identical"]
     with pytest.raises(gr.Error, match="precision must be one of"):
         next(app.compare(PROMPT, model, *(ui.DEFAULTS[n] for n in app.SETTINGS), "fp8 please"))
+
+
+def test_the_round_view_shows_a_tree_and_the_slider_picks_another_round(model):
+    final = named(list(compare(PROMPT, model, **{**SMALL, "max_new_tokens": 24}))[-1])
+    slider, rounds = final["round_slider"], final["rounds"]
+    (key, traces) = rounds
+    nanospec = next(t for t in traces if t.method == "nanospec")
+    assert slider.maximum == len(nanospec.rounds) >= 2 and slider.interactive
+    shown = slider.value  # once done: the round with the longest accepted path
+    assert len(nanospec.rounds[shown - 1].tree.path) == max(len(s.tree.path) for s in nanospec.rounds)
+    assert f"**Round {shown}**" in final["round_details"]
+    assert any(t.name == "accepted" for t in final["nanospec_tree"].data)
+    other = 1 if shown != 1 else 2
+    tree, eagle_tree, details = app.show_round(rounds, other)
+    assert f"**Round {other}**" in details and f"round {other}:" in tree.layout.title.text
+    assert tree.to_json() != final["nanospec_tree"].to_json()
+    assert app.show_round(None, 1)[2] == "Run a comparison first."
+    origins = final["origins"]
+    assert origins.tokens.sum() == len(nanospec.token_ids) - 1  # every committed token but the prefill's

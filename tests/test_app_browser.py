@@ -1,7 +1,7 @@
 """The app in a real browser: Debian's chromium, headless, driven by playwright's Python package.
 
-Runs an example end to end (both outputs and the charts show), takes a screenshot, cancels a run mid-stream
-and checks the app still answers. Skips when chromium or playwright is missing (.ci/run installs chromium).
+Runs an example end to end (the three outputs, the charts and the round view's tree show, and moving the round
+slider redraws the tree), takes a screenshot, cancels a run mid-stream and checks the app still answers. Skips when chromium or playwright is missing (.ci/run installs chromium).
 The screenshot goes to the test's temp folder; the tiny test model writes gibberish, so docs/screenshot.png is only
 written on request, with the real model:
     NANOSPEC_APP_TEST_MODEL=embedded NANOSPEC_SCREENSHOT=docs/screenshot.png python -m pytest tests/test_app_browser.py
@@ -63,14 +63,36 @@ def wait_done(page):
                            timeout=RUN_TIMEOUT_MS)
 
 
-def test_an_example_streams_both_outputs_and_the_charts(page, tmp_path):
+SHOWN_ROUND = "() => (document.querySelector('#round-details').innerText.match(/Round (\\d+)/) || [])[1] || null"
+
+
+def tree_points(page) -> int:
+    """Markers drawn in NanoSpec's tree figure (nodes, root and bonus)."""
+    return page.locator("#nanospec-tree .scatterlayer .point").count()
+
+
+def test_an_example_streams_three_outputs_the_charts_and_the_round_view(page, tmp_path):
     page.get_by_role("button", name="translation", exact=True).click()
     page.wait_for_function("() => document.querySelector('#prompt textarea').value.startsWith('Translate')")
     page.click("#generate")
     wait_done(page)
-    assert page.locator("#eagle-output textarea").input_value().strip()
-    assert page.locator("#nanospec-output textarea").input_value().strip()
+    for lane in ("plain", "eagle", "nanospec"):
+        assert page.locator(f"#{lane}-output textarea").input_value().strip()
     assert page.locator('[data-testid="plotly"]').first.is_visible()
+    assert "Plain decoding" in page.locator("#summary").inner_text()  # the reference row of the speed table
+    page.wait_for_function("() => document.querySelectorAll('#nanospec-tree .scatterlayer .point').length >= 3")
+    legend = page.locator("#nanospec-tree .legend").text_content()
+    assert "rejected" in legend and "bonus" in legend
+    if os.environ.get("NANOSPEC_APP_TEST_MODEL"):  # a trained head: the shown round (the longest path) has one
+        assert "accepted" in legend
+    # (the tiny model's random head never gets a draft accepted; tests/test_round_view.py checks the path drawn)
+    shown = page.evaluate(SHOWN_ROUND)
+    assert shown is not None
+    page.locator("#round-slider input[type=range]").focus()
+    page.keyboard.press("Home" if shown != "1" else "End")  # another round
+    page.wait_for_function(f"(before) => {{ const now = ({SHOWN_ROUND})(); return now && now !== before; }}",
+                           arg=shown)
+    assert tree_points(page) >= 2
     identical = page.locator("#identical").inner_text()
     if os.environ.get("NANOSPEC_APP_TEST_MODEL"):  # a real model in bf16: equal, or the near-tie explained
         assert "Outputs identical: yes" in identical or "near-tie at" in identical
@@ -97,6 +119,7 @@ def test_stop_cancels_mid_stream_and_the_app_still_answers(page, server):
     page.locator("#prompt textarea").fill("Translate into French: good morning")
     page.click("#generate")
     wait_done(page)
+    assert page.locator("#plain-output textarea").input_value().strip()
     assert page.locator("#nanospec-output textarea").input_value().strip()
     with open(server.log_path, errors="replace") as log:
         log.seek(log_start)
