@@ -196,8 +196,9 @@ def show_round(rounds, round_number):
     try:
         (model, dtype), traces = rounds
         by_method = {trace.method: trace for trace in traces}
-        view = round_view(by_method["nanospec"], by_method.get("eagle"), round_number,
-                          SESSIONS.get(model, dtype).decode, SESSIONS.get(model, dtype).target.vocab_size)
+        session = SESSIONS.get(model, dtype)
+        view = round_view(by_method["nanospec"], by_method.get("eagle"), round_number, session.decode,
+                          session.target.vocab_size)
     except Exception as error:  # noqa: BLE001
         raise user_error(error) from None
     return view.nanospec_figure, view.eagle_figure, view.details

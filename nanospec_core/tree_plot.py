@@ -69,7 +69,7 @@ def tree_figure(tree: TreeView, decode: Callable[[int], str], title: str = "", b
     for name, nodes in (("rejected", [i for i in range(n) if i not in on_path]), ("accepted", tree.path)):
         fig.add_trace(go.Scatter(
             x=[depth[i] for i in nodes], y=[y[i] for i in nodes], mode="markers+text", name=name,
-            text=[decode(tree.tokens[i]) for i in nodes], textposition="top center",
+            text=[decode(tree.tokens[i]) for i in nodes], textposition="middle right", textfont=dict(size=11),
             hovertext=[hover(i) for i in nodes], hoverinfo="text",
             marker=dict(size=11 if name == "accepted" else 8, color=COLORS[name])))
     last = tree.path[-1] if tree.path else -1
@@ -82,10 +82,12 @@ def tree_figure(tree: TreeView, decode: Callable[[int], str], title: str = "", b
     fig.add_trace(go.Scatter(
         x=[x_of(last), x_of(last) + 1], y=[y_of(last), y_of(last)], mode="lines+markers+text",
         name="bonus: a miss (not in the active set)" if bonus_missed else "bonus (target)",
-        text=["", bonus_text], textposition="top center", hoverinfo="text", hovertext=["", f"{bonus_text!r}: {note}"],
+        text=["", bonus_text], textposition="middle right", hoverinfo="text", hovertext=["", f"{bonus_text!r}: {note}"],
         line=dict(color=color, dash="dot"), marker=dict(size=[0, 16], color=color, symbol="star")))
     title = title or f"{n} drafted, {len(tree.path)} accepted + 1 bonus"
-    fig.update_layout(title=dict(text=title, font=dict(size=13)), height=380,
+    leaves = len(set(range(n)) - set(tree.parents)) if n else 1
+    height = min(max(300, 20 * leaves + 110), 1000)  # 20 px a leaf row: the GPU preset's 60 nodes stay legible
+    fig.update_layout(title=dict(text=title, font=dict(size=13)), height=height,
                       margin=dict(l=10, r=10, t=40, b=30), legend=dict(orientation="h", y=-0.12),
                       xaxis=dict(title="depth", dtick=1, zeroline=False), yaxis=dict(visible=False))
     return fig

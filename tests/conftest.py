@@ -106,7 +106,8 @@ def free_port() -> int:
 class AppServer:
     """`python app.py` in a subprocess on a free port (its log in a file); `url` once it answers HTTP."""
 
-    def __init__(self, model: str, log_path, dtype: str = "float32", head: str | None = "random"):
+    def __init__(self, model: str, log_path, dtype: str = "float32", head: str | None = "random",
+                 threads: int | None = 1):
         import subprocess
         import sys
         from pathlib import Path
@@ -115,7 +116,9 @@ class AppServer:
         self.url = f"http://127.0.0.1:{self.port}/"
         env = dict(os.environ, NANOSPEC_MODEL=model, NANOSPEC_DTYPE=dtype, GRADIO_SERVER_NAME="127.0.0.1",
                    GRADIO_SERVER_PORT=str(self.port), GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1",
-                   OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # one thread: a tiny model only loses from more
+                   PYTHONUNBUFFERED="1")
+        if threads:  # one thread for the tiny model (it only loses from more); None: the machine's default
+            env["OMP_NUM_THREADS"] = str(threads)
         if head:
             env["NANOSPEC_HEAD"] = head
         self.log_path = Path(log_path)

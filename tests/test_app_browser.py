@@ -32,7 +32,7 @@ def server(request, tmp_path_factory):
         yield request.getfixturevalue("app_server")
         return
     own = AppServer(model, tmp_path_factory.mktemp("app-browser") / "app.log", dtype="auto",
-                    head=os.environ.get("NANOSPEC_HEAD"))
+                    head=os.environ.get("NANOSPEC_HEAD"), threads=None)
     try:
         own.wait_ready(timeout_s=900)
         yield own
