@@ -1,4 +1,4 @@
-"""Command line: python -m nanospec_core {generate | bench | train-head | calibrate-head | export-head | prepare | ...}
+"""Command line: python -m nanospec_core {generate | bench | serve-bench | train-head | calibrate-head | export-head | ...}
 
 Errors end the process with exit code 2 and one line on stderr (no traceback) for bad arguments, unknown models
 and bad files.
@@ -109,9 +109,31 @@ def cmd_export_head(args) -> int:
     from .session import Session
 
     session = Session(args.model, dtype=args.dtype, device=args.device, head=args.head)
-    folder = export_checkpoint(session.head, args.out)
+    nanospec = None
+    if args.nanospec_vllm:  # the vLLM plugin's architecture, with the static core every request's set starts from
+        from .config import VocabConfig
+
+        core = session.frequency[:VocabConfig().static_core].tolist() if session.frequency is not None else []
+        nanospec = {"static_core": sorted(set(core) | set(session.stop_ids)), "capacity": VocabConfig().capacity * 2}
+    folder = export_checkpoint(session.head, args.out, nanospec=nanospec)
     print(f"{folder}: EAGLE-3 head for {session.loaded.key} (aux layers {list(session.head.aux_layers)}, "
-          f"draft vocabulary {session.head.draft_vocab_size})")
+          f"draft vocabulary {session.head.draft_vocab_size}{', NanoSpec vLLM plugin' if nanospec else ''})")
+    return 0
+
+
+def cmd_head_prompts(args) -> int:
+    """Prompts (chat-templated ids) for a serving engine to answer: the next head stage's data (training/answers)."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from .models.loading import resolve_model_dir
+    from .training.answers import write_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(args.model), local_files_only=True)
+    count = write_prompts(tokenizer, Path(args.out), args.sharegpt, args.code, args.seed,
+                          temperature=args.temperature)
+    print(f"{args.out}: {count} prompts (even ones greedy, odd ones at T {args.temperature:g})")
     return 0
 
 
@@ -152,10 +174,27 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate_arguments(calib)
     calib.set_defaults(func=calibrate_run)
 
+    serve = sub.add_parser("serve-bench", help="vLLM: no speculation vs EAGLE-3 vs EAGLE-3 + NanoSpec (plugin)")
+    from .bench.serve import add_arguments as serve_arguments, run as serve_run
+
+    serve_arguments(serve)
+    serve.set_defaults(func=serve_run)
+
     export = sub.add_parser("export-head", help="write an EAGLE-3 head in the public layout vLLM and SGLang load")
     add_model_args(export)
     export.add_argument("--out", required=True, help="folder for config.json + model.safetensors")
+    export.add_argument("--nanospec-vllm", action="store_true",
+                        help="name the NanoSpec vLLM plugin's architecture and write its static core (vllm_plugin/)")
     export.set_defaults(func=cmd_export_head)
+
+    prompts = sub.add_parser("head-prompts", help="prompts for vLLM to answer (head training data, new stage)")
+    prompts.add_argument("--model", default="embedded")
+    prompts.add_argument("--out", required=True, help="JSON-lines file of {key, prompt_ids, temperature}")
+    prompts.add_argument("--sharegpt", type=int, default=3000, help="ShareGPT first turns stage 1 never drew")
+    prompts.add_argument("--code", type=int, default=1000, help="completion prompts from Python source")
+    prompts.add_argument("--temperature", type=float, default=0.7, help="odd prompts are sampled at this")
+    prompts.add_argument("--seed", type=int, default=2)
+    prompts.set_defaults(func=cmd_head_prompts)
 
     prep = sub.add_parser("prepare", help="build the static frequency table from ShareGPT for a model's tokenizer")
     prep.add_argument("--model", default="embedded")

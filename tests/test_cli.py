@@ -102,3 +102,10 @@ def test_export_head_writes_the_public_eagle3_layout_and_refuses_eagle2(capsys, 
     assert main(["export-head", "--model", tiny_model_dir, "--dtype", "float32", "--head", "random",
                  "--out", str(tmp_path / "nope")]) == 2
     assert "only EAGLE-3 heads" in capsys.readouterr().err
+    # the vLLM plugin's variant: its architecture, the static core (with the stop ids), the same weights
+    assert main(["export-head", "--model", tiny_model_dir, "--dtype", "float32", "--head", str(tmp_path / "tied"),
+                 "--out", str(tmp_path / "plugin"), "--nanospec-vllm"]) == 0
+    config = json.loads((tmp_path / "plugin" / "config.json").read_text())
+    assert config["architectures"] == ["NanoSpecLlamaForCausalLMEagle3"]
+    assert set(session.stop_ids) <= set(config["nanospec"]["static_core"]) and config["nanospec"]["capacity"] > 0
+    assert load_file(str(tmp_path / "plugin" / "model.safetensors")).keys() == weights.keys()

@@ -148,3 +148,31 @@ def test_stages_continue_from_the_warm_start_head_and_reach_the_card(tmp_path):
     write_card(tmp_path / "b", {**info, "stages": second, "command": "x"})
     card = (tmp_path / "b" / "MODEL_CARD.md").read_text()
     assert "# EAGLE-3 draft head for m" in card and card.count("| random |") == 1 and "| 0.6 |" in card
+
+
+def test_answers_from_a_serving_engine_align_like_the_captured_ones(tmp_path):
+    """training/answers: a vLLM answer becomes (prompt + answer without its stop id, loss on answer positions),
+    the alignment training/generate.py uses when it captures features itself; torn lines and 1-token answers drop."""
+    from nanospec_core.training.answers import answer_items
+
+    path = tmp_path / "answers.jsonl"
+    path.write_text(json.dumps({"key": "sharegpt:a#greedy", "prompt_ids": [1, 2, 3], "answer_ids": [7, 8, 9, 2]})
+                    + "\n" + json.dumps({"key": "sharegpt:b#t0.7", "prompt_ids": [1], "answer_ids": [2]}) + "\n"
+                    + '{"key": "torn", "prompt')
+    assert answer_items(path) == [("sharegpt:a#greedy", [1, 2, 3, 7, 8, 9], [0, 0, 0, 1, 1, 1])]
+
+
+def test_prompts_for_a_new_stage_avoid_every_prompt_stage_one_could_have_trained_on(tmp_path):
+    """A warm-started head is never scored (held out) or trained again on a stage-1 prompt: new prompts come from
+    outside stage 1's whole candidate pools; even ones greedy, odd ones sampled (the tag is part of the key)."""
+    from tests.conftest import tiny_tokenizer
+    from nanospec_core.training.answers import read_jsonl, stage1_keys, write_prompts
+
+    path = tmp_path / "prompts.jsonl"
+    count = write_prompts(tiny_tokenizer(), path, sharegpt=6, code=4, seed=2, max_prompt_tokens=10 ** 6)
+    records = read_jsonl(path)
+    assert count == len(records) == 10
+    keys = {r["key"].split("#")[0] for r in records}
+    assert not keys & stage1_keys()
+    assert sum(k.startswith("sharegpt:") for k in keys) == 6
+    assert [r["temperature"] for r in records[:2]] == [0.0, 0.7] and records[1]["key"].endswith("#t0.7")

@@ -38,6 +38,7 @@ NOISE_KEYS = ("_name_or_path", "id2label", "label2id", "chunk_size_feed_forward"
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 IGNORED_KEYS = ("embed_tokens.weight",)
 TIED_KEY = "nanospec_lm_head_tied_to_target"  # config.json: the head scores with the target's lm head (not saved)
+NANOSPEC_VLLM_ARCHITECTURE = "NanoSpecLlamaForCausalLMEagle3"  # the vLLM plugin's draft model (vllm_plugin/nanospec_vllm)
 
 
 def load_head(source: str, target: TargetModel) -> DraftHead:
@@ -234,11 +235,13 @@ def save_head(head: DraftHead, folder: str | Path, extra_config: dict | None = N
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def export_checkpoint(head: Eagle3Head, folder: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+def export_checkpoint(head: Eagle3Head, folder: str | Path, dtype: torch.dtype = torch.bfloat16,
+                      nanospec: dict | None = None) -> Path:
     """The public EAGLE-3 layout (SafeAILab / SpecForge `LlamaForCausalLMEagle3`, which vLLM and SGLang load):
     fc / midlayer.* / norm / lm_head, the lm head written out even when tied to the target's here, d2t / t2d only
     for a pruned draft vocabulary, aux layers under both the top-level key (HF hidden_states indices, read by
-    vLLM and by load_head) and SGLang's eagle_config (layer outputs: index - 1). Returns the folder."""
+    vLLM and by load_head) and SGLang's eagle_config (layer outputs: index - 1). `nanospec` (static core, capacity)
+    names the NanoSpec vLLM plugin's architecture instead (vllm_plugin/nanospec_vllm). Returns the folder."""
     if head.kind != "eagle3":
         raise NanoSpecError(f"only EAGLE-3 heads have a public serving layout (this is {head.kind})")
     from safetensors.torch import save_file
@@ -255,5 +258,7 @@ def export_checkpoint(head: Eagle3Head, folder: str | Path, dtype: torch.dtype =
     config = json.loads((folder / "config.json").read_text())
     config.update({TIED_KEY: False, "tie_word_embeddings": False,
                    "eagle_config": {"eagle_aux_hidden_state_layer_ids": [i - 1 for i in head.aux_layers]}})
+    if nanospec is not None:
+        config.update({"architectures": [NANOSPEC_VLLM_ARCHITECTURE], "nanospec": nanospec})
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return folder

@@ -41,16 +41,22 @@ def held_out(key: str, every: int = 10) -> bool:
     return zlib.crc32(key.encode()) % every == 0
 
 
-def code_prompts(count: int, seed: int = 0, max_lines: int = 40) -> list[tuple[str, str]]:
-    """(key, prompt) completion tasks from the standard library: a function's signature and docstring (plus up to
-    `max_lines` lines before it), to be completed. Skips tests and vendored folders."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if not any(part in ("test", "tests", "idlelib", "site-packages",
-                                                                    "lib2to3", "__pycache__") for part in p.parts))
+def code_prompts(count: int, seed: int = 0, max_lines: int = 40, packages: bool = False) -> list[tuple[str, str]]:
+    """(key, prompt) completion tasks from the standard library (and, with `packages`, the installed packages'
+    own source after it): a function's signature and docstring (plus up to `max_lines` lines before it), to be
+    completed. Skips tests and vendored folders. Keys: 'stdlib:<path>:<function>' or 'site:<path>:<function>'."""
+    roots = [("stdlib", Path(sysconfig.get_paths()["stdlib"]))]
+    if packages:
+        roots.append(("site", Path(sysconfig.get_paths()["purelib"])))
+    skip = ("test", "tests", "idlelib", "site-packages", "lib2to3", "__pycache__", "_vendor", "vendored")
     rng = random.Random(seed)
-    rng.shuffle(files)
+    files = []
+    for label, root in roots:
+        found = sorted(p for p in root.rglob("*.py") if not any(part in skip for part in p.relative_to(root).parts))
+        rng.shuffle(found)
+        files += [(label, root, path) for path in found]
     prompts = []
-    for path in files:
+    for label, root, path in files:
         if len(prompts) >= count:
             break
         try:
@@ -67,7 +73,7 @@ def code_prompts(count: int, seed: int = 0, max_lines: int = 40) -> list[tuple[s
         body_start = func.body[1].lineno - 1 if len(func.body) > 1 else func.body[0].end_lineno
         snippet = "\n".join(lines[max(0, func.lineno - 1 - max_lines // 2):body_start])
         if 40 < len(snippet) < 4000:
-            prompts.append((f"stdlib:{path.relative_to(root)}:{func.name}", CODE_ASK.format(snippet=snippet)))
+            prompts.append((f"{label}:{path.relative_to(root)}:{func.name}", CODE_ASK.format(snippet=snippet)))
     return prompts
 
 

@@ -191,6 +191,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sharegpt", type=int, default=1200, help="ShareGPT conversations as written (forward)")
     parser.add_argument("--max-tokens", type=int, default=512, help="sequence length cap for ShareGPT text")
     parser.add_argument("--extract-minutes", type=float, default=11.0, help="time budget for that extraction")
+    parser.add_argument("--answers", default=None, help="answers file from `nanospec_vllm answers` (features added "
+                        "here, into <work>/answers)")
+    parser.add_argument("--answers-minutes", type=float, default=60.0, help="time budget for those features")
     parser.add_argument("--levels", type=int, default=3, help="draft levels unrolled in the loss (1 = no TTT)")
     parser.add_argument("--init", default=None, help="head folder to start from (default: random)")
     parser.add_argument("--extract-only", action="store_true", help="stop after the data")
@@ -261,6 +264,12 @@ def run(args: argparse.Namespace) -> dict:
                          extract_minutes=args.extract_minutes, batch_size=args.generate_batch,
                          max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          max_tokens=args.max_tokens, seed=args.seed, log=log)
+    if args.answers:  # answers a serving engine generated (training/answers.py): one forward adds the features
+        from .answers import answer_items
+
+        paths += train_data.extract_shards(target, answer_items(Path(args.answers)), work / "answers", shard_size=32,
+                                           aux_layers=default_aux_layers(target.num_layers),
+                                           deadline=time.time() + args.answers_minutes * 60, log=log)
     if args.extract_only:
         log(f"extract-only: {len(paths)} shards in {work}")
         return {"shards": len(paths)}
@@ -271,7 +280,7 @@ def run(args: argparse.Namespace) -> dict:
         train_seqs = [{**s, "loss_mask": torch.ones_like(s["loss_mask"])} for s in train_seqs]
     n_tokens = sum(int(s["loss_mask"].sum()) for s in train_seqs)
     sources = {name: sum(s["key"].startswith(prefix) for s in sequences)
-               for name, prefix in (("generated_chat", "sharegpt:"), ("generated_code", "stdlib:"),
+               for name, prefix in (("generated_chat", "sharegpt:"), ("generated_code", ("stdlib:", "site:")),
                                     ("sharegpt_text", "text:"))}
     log(f"features: {len(train_seqs)} train sequences ({n_tokens} scored tokens), {len(held)} held out; {sources}")
     if args.eval_head:  # the same held-out positions for any head (EAGLE-2 or -3): a like-for-like comparison

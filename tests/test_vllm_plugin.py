@@ -1,0 +1,22 @@
+"""The vLLM plugin's own suite (vllm_plugin/tests: a real vLLM engine on a tiny random model), run in the vLLM
+virtual environment that scripts/vllm_venv.sh builds (.venv-vllm, or $NANOSPEC_VLLM_PYTHON). Outside CI a missing
+environment skips it; in CI (.ci/run builds it) a missing environment fails."""
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = Path(os.environ.get("NANOSPEC_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
+
+
+def test_vllm_plugin_suite_passes_in_its_own_environment():
+    if not PYTHON.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"no vLLM environment at {PYTHON}: .ci/run builds it with scripts/vllm_venv.sh")
+        pytest.skip(f"no vLLM environment at {PYTHON} (bash scripts/vllm_venv.sh builds it)")
+    run = subprocess.run([str(PYTHON), "-m", "pytest", "-q", "-p", "no:cacheprovider", "vllm_plugin/tests"],
+                         cwd=REPO, capture_output=True, text=True, timeout=1500)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and " skipped" not in run.stdout, run.stdout[-2000:]
