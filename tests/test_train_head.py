@@ -54,14 +54,19 @@ def test_extraction_extends_by_key(target, tmp_path):
 
 
 def test_shards_hold_target_features_and_top_ids(target, sequences):
+    """At scored positions (loss mask 1) the target's own top-8; at the others the text's next token (prob 1)."""
     seq = sequences[0]
     assert seq["hidden"].shape == (40, 64) and seq["topk_ids"].shape == (40, 8)
     out = target.forward(seq["ids"], target.new_cache(40))
     assert torch.allclose(seq["hidden"].float(), out.hidden, atol=0.05, rtol=0.02)
-    assert torch.equal(seq["topk_ids"][:, 0], target.logits(out.hidden).argmax(-1))
-    expected = target.logits(out.hidden).softmax(-1).topk(8, dim=-1).values  # the target's own top-8 probabilities
-    torch.testing.assert_close(seq["topk_probs"].float(), expected, atol=2e-3, rtol=2e-3)  # stored in float16
+    scored = seq["loss_mask"]
+    assert torch.equal(seq["topk_ids"][scored, 0], target.logits(out.hidden[scored]).argmax(-1))
+    expected = target.logits(out.hidden[scored]).softmax(-1).topk(8, dim=-1).values  # the target's own top-8
+    torch.testing.assert_close(seq["topk_probs"][scored].float(), expected, atol=2e-3, rtol=2e-3)  # float16
     assert bool((seq["topk_probs"].float().sum(-1) <= 1.0 + 1e-3).all())
+    prompt = ~scored
+    assert torch.equal(seq["topk_ids"][prompt, 0][:-1], seq["ids"][1:][prompt[:-1]][: int(prompt.sum()) - 1])
+    assert bool((seq["topk_probs"][prompt, 0] == 1).all())
 
 
 def losses(work):

@@ -11,8 +11,10 @@ command prepares the inputs here and starts one process per configuration there 
   3. per configuration one engine: a warm-up prompt, then the prompts one at a time (batch 1), then all of them with
      8 in flight (batch 8), greedy (a finished configuration's results are kept: rerun to resume).
 Reported per batch: tokens/s (and the ratio to no speculation), vLLM's acceptance length (1 + accepted / drafts: the
-bonus token counts, as in the rest of the project), the plugin's active-set size and lm-head rows scored per step, and
-outputs equal to no speculation. Timings are from one run on a shared machine: compare within it.
+bonus token counts, as in the rest of the project), the plugin's active-set size and lm-head rows scored per step,
+outputs equal to no speculation and, where one differs, the target's top-2 logit margin at the first difference
+(from the plain run's logprobs: in bf16 a batched verify can round a near-tie the other way). Timings are from one
+run on a shared machine: compare within it.
 """
 from __future__ import annotations
 
@@ -89,13 +91,18 @@ def summarise(results: dict[tuple[str, int], dict]) -> list[dict]:
         plain = results[("plain", batch)]
         equal = [a == b for a, b in zip(result["outputs"], plain["outputs"])]
         diffs = [first_difference(a, b) for a, b in zip(result["outputs"], plain["outputs"])]
+        # the target's top-2 margin where the output first left plain decoding (same context up to there)
+        margins = [plain["margins"][k][d] for k, d in enumerate(diffs)
+                   if d is not None and "margins" in plain and d < len(plain["margins"][k])]
         nano = (result.get("nanospec") or [{}])[0]
         rows.append({"config": config, "batch": batch, "tokens_per_s": result["tokens_per_s"],
                      "vs_plain": result["tokens_per_s"] / plain["tokens_per_s"],
                      "acceptance_length": result.get("spec", {}).get("acceptance_length"),
                      "avg_active": nano.get("avg_active"), "rows_scored": nano.get("avg_scored_rows"),
                      "full_rows": nano.get("full_rows"), "equal": f"{sum(equal)}/{len(equal)}",
-                     "first_diffs": [d for d in diffs if d is not None], "new_tokens": result["new_tokens"],
+                     "max_margin_at_diff": max(margins) if margins else None,
+                     "first_diffs": [d for d in diffs if d is not None], "margins_at_diff": margins,
+                     "new_tokens": result["new_tokens"],
                      "wall_s": result["wall_s"]})
     return rows
 
@@ -114,12 +121,12 @@ def run(args: argparse.Namespace) -> int:
         spec = {"model": model_dir, "draft": str(heads[config]) if config != "plain" else None,
                 "num_speculative_tokens": args.num_speculative_tokens, "dtype": "bfloat16", "max_model_len": 2048,
                 "batches": batches, "chats": chats, "max_tokens": args.max_new_tokens, "temperature": 0.0,
-                "eager": args.eager, "warmup": 1}
+                "eager": args.eager, "warmup": 1, "logprobs": 2}  # every configuration pays the same for them
         print(f"[{time.time() - started:6.0f} s] {config}", file=sys.stderr, flush=True)
         for batch, result in run_phase(python, spec, out, config).items():
             results[(config, int(batch))] = result
     rows = summarise(results)
-    table = pd.DataFrame(rows).drop(columns=["first_diffs"])
+    table = pd.DataFrame(rows).drop(columns=["first_diffs", "margins_at_diff"])
     text = (f"# serve-bench: vLLM on the embedded target ({len(chats)} Spec-Bench prompts, {args.max_new_tokens} new "
             f"tokens, greedy, bf16, {args.num_speculative_tokens} draft tokens per round, "
             f"{'eager' if args.eager else 'compiled'})\n\n" + markdown(table.round(3)) + "\n")

@@ -156,7 +156,7 @@ def extract_shards(target, items, work_dir: Path, shard_size: int = 64, topk: in
     in a shard are skipped and new shards are numbered after the last one. So a later call with more (or
     reordered) items extracts only what is new, and the shards keep their order (stable held-out splits).
     target: a TargetModel. One full-sequence forward per sequence (fresh cache), then top-k of the target's
-    next-token distribution from the final-normed hidden states, in chunks to bound the [chunk, V] logits.
+    next-token distribution from the final-normed hidden states at the scored positions (next_token_targets).
     aux_layers: also store those layers' states concatenated as `aux` [N, len * H] bf16 (EAGLE-3's features).
     """
     from tqdm import tqdm
@@ -177,18 +177,14 @@ def extract_shards(target, items, work_dir: Path, shard_size: int = 64, topk: in
             ids_t = torch.tensor(ids, dtype=torch.long)
             out = target.forward(ids_t.to(target.device), target.new_cache(len(ids)), aux_layers=aux_layers)
             hidden = out.hidden  # [T, H]
-            probs, top = [], []
-            for i in range(0, hidden.shape[0], 256):
-                p, t = target.logits(hidden[i:i + 256]).softmax(-1).topk(topk, dim=-1)
-                probs.append(p)
-                top.append(t)
+            top, probs = next_token_targets(target, ids_t, hidden, torch.tensor(mask, dtype=torch.bool), topk)
             ids_all.append(ids_t.to(torch.int32))
             mask_all.append(torch.tensor(mask, dtype=torch.uint8))
             hidden_all.append(hidden.to(torch.bfloat16).cpu())
             if aux_layers:
                 aux_all.append(out.aux.to(torch.bfloat16).cpu())
-            top_ids.append(torch.cat(top).to(torch.int32).cpu())
-            top_probs.append(torch.cat(probs).to(torch.float16).cpu())
+            top_ids.append(top.to(torch.int32).cpu())
+            top_probs.append(probs.to(torch.float16).cpu())
             offsets.append(offsets[-1] + len(ids))
             tokens += len(ids)
             bar.update(1)
@@ -201,6 +197,24 @@ def extract_shards(target, items, work_dir: Path, shard_size: int = 64, topk: in
         log(f"{path.name}: {offsets[-1]} tokens; extraction {tokens / (time.time() - start):.0f} tok/s")
     bar.close()
     return [work_dir / name for name in index]
+
+
+def next_token_targets(target, ids: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, topk: int,
+                       chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's top-k next-token ids and probabilities [T, k] at the scored positions (loss mask 1), where the
+    loss and the held-out measure read them; elsewhere the next token of the text with probability 1, as
+    training/generate.py stores prompts. The full lm head is a third of a forward's cost, so prompts skip it."""
+    T = ids.shape[0]
+    top = torch.zeros(T, topk, dtype=torch.long)
+    top[:-1, 0] = ids[1:].cpu()
+    probs = torch.zeros(T, topk)
+    probs[:, 0] = 1.0
+    scored = mask.nonzero().flatten()
+    for i in range(0, scored.numel(), chunk):
+        rows = scored[i:i + chunk]
+        p, t = target.logits(hidden[rows.to(hidden.device)]).softmax(-1).topk(topk, dim=-1)
+        top[rows], probs[rows] = t.cpu(), p.float().cpu()
+    return top, probs
 
 
 def write_shard(work_dir: Path, index: dict, keys: list[str], tensors: dict[str, torch.Tensor]) -> Path:

@@ -6,7 +6,8 @@ Each phase runs in its own process (the benchmark and the tests start one per co
 a process and a crash in one configuration cannot spoil another's figures. spec.json:
   model, draft (folder or null), num_speculative_tokens, dtype, max_model_len, batches (requests in flight, one
   measurement each; 1 decodes the prompts one after another), prompts (token-id lists) or chats (message lists,
-  templated by vLLM), max_tokens, temperature, seed, eager, draft_sample_method, warmup (prompts decoded first)
+  templated by vLLM), max_tokens, temperature, seed, eager, draft_sample_method, warmup (prompts decoded first),
+  logprobs (2: also report each position's top-2 logit margin, to judge differences between configurations)
 result.json, per batch: outputs (token ids per prompt), new_tokens, wall_s, tokens_per_s, spec (vLLM's own counters: drafts,
   draft_tokens, accepted, acceptance_length = 1 + accepted / drafts, counting the bonus token as NanoSpec does),
   nanospec (the plugin's counters per worker: active-set sizes, rows scored; absent for other drafts).
@@ -35,6 +36,12 @@ def engine_env(kv_cache_gib: int = 2) -> dict:
     return {**env, **{key: os.environ[key] for key in env if key in os.environ}}
 
 
+def top2_margin(position: dict) -> float | None:
+    """logprob(first) - logprob(second) at one position = the raw logit margin (the normaliser cancels)."""
+    values = sorted((entry.logprob for entry in position.values()), reverse=True)
+    return values[0] - values[1] if len(values) > 1 else None
+
+
 def spec_counters(llm) -> dict:
     """vLLM's speculative-decoding counters (its metrics reader; disable_log_stats must be False)."""
     names = {"vllm:spec_decode_num_drafts": "drafts", "vllm:spec_decode_num_draft_tokens": "draft_tokens",
@@ -60,7 +67,7 @@ def run(spec: dict) -> dict:
               enforce_eager=spec.get("eager", True), speculative_config=speculative, disable_log_stats=False,
               skip_tokenizer_init="prompts" in spec)
     params = SamplingParams(temperature=spec.get("temperature", 0.0), max_tokens=spec.get("max_tokens", 128),
-                            ignore_eos=spec.get("ignore_eos", False))  # seeded by the engine (no per-request
+                            ignore_eos=spec.get("ignore_eos", False), logprobs=spec.get("logprobs"))  # seeded by the engine (no per-request
     # seed: vLLM 0.32's CPU sampler cannot rewind a seeded generator after a partial prefill)
     if "prompts" in spec:
         inputs = [TokensPrompt(prompt_token_ids=ids) for ids in spec["prompts"]]
@@ -94,6 +101,9 @@ def measure(llm, decode, inputs: list, batch: int, speculative: bool) -> dict:
     token_ids = [list(output.outputs[0].token_ids) for output in outputs]
     new_tokens = sum(map(len, token_ids))
     result = {"outputs": token_ids, "new_tokens": new_tokens, "wall_s": wall, "tokens_per_s": new_tokens / wall}
+    if outputs and outputs[0].outputs[0].logprobs:  # top-2 margin per position: how close each greedy choice was
+        result["margins"] = [[top2_margin(position) for position in output.outputs[0].logprobs]
+                             for output in outputs]
     if speculative:
         after = spec_counters(llm)
         counters = {key: after[key] - before.get(key, 0) for key in after}
