@@ -43,7 +43,9 @@ def test_rows_are_gathered_once_and_grow_incrementally(weight):
     vocab = ActiveVocab(weight, V, slots=2, core_ids=[0], capacity=16, buffer_capacity=32)
     vocab.absorb("a", [4, 9])
     vocab.absorb("b", [9, 11])
-    assert vocab.used == 4 and vocab.buffer_ids[:4].tolist() == [0, 4, 9, 11]
+    assert vocab.pending_ids == [4, 9, 11]  # decided on the host; one gather at the flush
+    vocab.flush()
+    assert vocab.used == 4 and vocab.buffer_ids[:4].tolist() == [0, 4, 9, 11] and not vocab.pending_ids
     assert torch.equal(vocab.buffer_rows[:4], weight[[0, 4, 9, 11]])
     vocab.absorb("a", [11])  # already in the buffer: only a's membership changes
     assert vocab.used == 4 and vocab.active["a"] == {0, 4, 9, 11}

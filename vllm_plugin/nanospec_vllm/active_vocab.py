@@ -12,7 +12,8 @@ so one step is a single product over the union, `hidden [B, H] @ buffer_rows[:n]
 to its own set and scattered into a [B, V] tensor of -inf (what the engine's argmax and sampler expect). A drafted
 id is therefore always one of its request's own active ids, and verification by the target keeps the output exact.
 
-Host mirrors (`position`, `active`) say what is new without reading the device; the device only receives writes.
+Host mirrors (`position`, `active`) say what is new without reading the device; the device only receives writes,
+batched per step (`flush`: one row gather, one membership scatter) before the step's first product.
 Bounds: a request whose set passes `capacity` drafts from the full vocabulary from then on (`full_slots`); when the
 buffer fills, it is rebuilt from the live requests' sets (finished requests' rows dropped), and a union still too big
 makes that step score the full vocabulary, masked per row.
@@ -79,39 +80,50 @@ class ActiveVocab:
         self.slot_of: dict[str, int] = {}
         self.free = list(range(slots - 1, -1, -1))
         self.full_slots: set[int] = set()  # requests over capacity: full vocabulary
+        self.pending_ids: list[int] = []  # buffer entries decided on the host, rows not gathered yet
+        self.pending_marks: list[tuple[int, int]] = []  # (slot, buffer position) memberships not written yet
         self.stats = StepStats()
         self._append(self.core)
+        self.flush()
 
     # ----- growing the sets (host decides, device receives writes) -----
     def _draftable(self, ids) -> list[int]:
         unique = dict.fromkeys(int(i) for i in ids if 0 <= int(i) < self.vocab_size)
         return [i for i in unique if self.draftable is None or i in self.draftable]
 
-    def _rows_of(self, ids: list[int]) -> torch.Tensor:
-        index = torch.tensor(ids, dtype=torch.long, device=self.weight.device)
+    def _rows_of(self, index: torch.Tensor) -> torch.Tensor:
         if self.draft_index is not None:
             index = self.draft_index[index]
         return self.weight[index]
 
     def _append(self, ids: list[int]) -> None:
-        """Gather the rows of ids new to the buffer into its next entries (the incremental gather)."""
+        """Give ids new to the buffer its next entries; their rows are gathered at the next flush."""
         new = [i for i in ids if i not in self.position]
-        if not new:
-            return
-        start = self.used
-        self.buffer_ids[start:start + len(new)] = torch.tensor(new, dtype=torch.long, device=self.weight.device)
-        self.buffer_rows[start:start + len(new)] = self._rows_of(new)
-        self.position.update((token, start + k) for k, token in enumerate(new))
+        self.position.update((token, self.used + k) for k, token in enumerate(new))
+        self.pending_ids += new
         self.used += len(new)
+
+    def flush(self) -> None:
+        """Apply what the host decided since the last flush to the device, in one gather and one scatter: the new
+        buffer entries (ids and their lm-head rows) and the new (slot, position) memberships."""
+        if self.pending_ids:
+            start = self.used - len(self.pending_ids)
+            index = torch.tensor(self.pending_ids, dtype=torch.long, device=self.weight.device)
+            self.buffer_ids[start:self.used] = index
+            self.buffer_rows[start:self.used] = self._rows_of(index)
+            self.pending_ids = []
+        if self.pending_marks:
+            marks = torch.tensor(self.pending_marks, dtype=torch.long, device=self.member.device)  # [m, 2]
+            self.member[marks[:, 0], marks[:, 1]] = True
+            self.pending_marks = []
 
     def absorb(self, request: str, token_ids) -> None:
         """Add token ids (prompt, committed output) to `request`'s set, giving it a slot on first sight."""
         if request not in self.slot_of:
             if not self.free:
                 raise RuntimeError(f"nanospec: more live requests than the {self.member.shape[0]} slots")
-            slot = self.free.pop()
+            slot = self.free.pop()  # released slots were zeroed
             self.slot_of[request], self.active[request] = slot, set(self.core)
-            self.member[slot].zero_()
             self._mark(slot, self.core)
             self.stats.requests += 1
         slot, active = self.slot_of[request], self.active[request]
@@ -131,8 +143,7 @@ class ActiveVocab:
         self._mark(slot, new)
 
     def _mark(self, slot: int, ids: list[int]) -> None:
-        positions = torch.tensor([self.position[i] for i in ids], dtype=torch.long, device=self.member.device)
-        self.member[slot, positions] = True
+        self.pending_marks += [(slot, self.position[i]) for i in ids]
 
     def release(self, request: str) -> None:
         """A finished request frees its slot; its rows stay in the buffer until the next rebuild."""
@@ -140,6 +151,7 @@ class ActiveVocab:
         if slot is None:
             return
         self.stats.per_request.append(len(self.active.pop(request)))
+        self.pending_marks = [mark for mark in self.pending_marks if mark[0] != slot]
         self.member[slot].zero_()
         self.full_slots.discard(slot)
         self.free.append(slot)
@@ -147,7 +159,7 @@ class ActiveVocab:
     def _rebuild(self) -> None:
         """Compact the buffer to the core plus the live requests' ids (finished requests' rows are dropped)."""
         self.stats.rebuilds += 1
-        self.used, self.position = 0, {}
+        self.used, self.position, self.pending_ids, self.pending_marks = 0, {}, [], []
         self.member.zero_()
         self._append(self.core)
         for request, slot in self.slot_of.items():
@@ -165,6 +177,7 @@ class ActiveVocab:
         """Draft logits [R, V] for hidden [R, H], row r belonging to requests[r]: each row scores its own active ids,
         -inf elsewhere. `full_logits(hidden)` is the engine's own full-vocabulary head (used for rows over capacity).
         """
+        self.flush()
         slots = [self.slot_of[r] for r in requests]
         n = self.used
         full = [k for k, s in enumerate(slots) if s in self.full_slots]
