@@ -35,19 +35,25 @@ def stage1_keys() -> set[str]:
     return keys | {key for key, _ in code_prompts(count, seed=seed)}
 
 
+def fresh_conversations(count: int, seed: int, used: set[str] | None = None) -> list[tuple[str, list]]:
+    """ShareGPT conversations (id, messages) from the training range, outside stage 1's pools."""
+    from .data import sample_conversations
+
+    used = stage1_keys() if used is None else used
+    skip = {key.removeprefix("sharegpt:") for key in used if key.startswith("sharegpt:")}
+    return sample_conversations(count, skip_ids=skip, seed=seed)
+
+
 def write_prompts(tokenizer, path: Path, sharegpt: int, code: int, seed: int, temperature: float = 0.7,
                   max_prompt_tokens: int = 320) -> int:
     """Chat-templated prompt ids for `sharegpt` first user turns and `code` completions (the standard library, then installed
     packages' source) that stage 1 never drew; even ones greedy, odd ones sampled at `temperature`. Returns how many were written."""
     import random
 
-    from .data import sample_conversations
     from .generate import code_prompts
 
     used = stage1_keys()
-    skip = {key.removeprefix("sharegpt:") for key in used if key.startswith("sharegpt:")}
-    chat = [(f"sharegpt:{key}", messages[0]["content"])
-            for key, messages in sample_conversations(sharegpt, skip_ids=skip, seed=seed)]
+    chat = [(f"sharegpt:{key}", messages[0]["content"]) for key, messages in fresh_conversations(sharegpt, seed, used)]
     completions = [(key, text) for key, text in code_prompts(code + STAGE1_POOLS["code"][0], seed=seed, packages=True) if key not in used][:code]
     mixed = chat + completions
     random.Random(seed).shuffle(mixed)

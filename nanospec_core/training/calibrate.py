@@ -9,9 +9,10 @@ level r-1 output, with the drafting visibility). ranks[p][d-1] = rank of the tar
 head's depth-d logits (0 = its first guess), capped at RANK_CAP. decoding/tree_choice.py turns these into expected
 tokens per round for any tree.
 
-Prompts: ShareGPT first user turns from the first 8,000 records (the rest of the file is evaluation-only), with
-every conversation of the embedded head's two training draws (`--sharegpt 300` and `--sharegpt 1400`, seed 0)
-excluded, so none was trained on. Never Spec-Bench.
+Prompts: ShareGPT first user turns from the evaluation range (records from 8,000 on, which no training draw of
+ours uses), with the EAGLE-2 head's draws that reached into it excluded, so none was trained on. Never Spec-Bench.
+(The shipped acceptance.json files name their command; those written before stage 2 of the EAGLE-3 head drew from
+the first 8,000 records, excluding the training draws of the time.)
 """
 from __future__ import annotations
 
@@ -30,11 +31,15 @@ TRAINING_DRAWS = ((300, 0, 12000), (1400, 0, 12000), (2400, 0, 8000), (1200, 1, 
 
 
 def calibration_prompts(count: int, seed: int = 1) -> list[str]:
+    """First turns no head trained on, from ShareGPT's evaluation range (records from SHAREGPT_EVAL_FROM on): the
+    training range is used up by the heads' draws (EAGLE-3 stage 2 took every conversation stage 1 had not drawn).
+    Calibration measures acceptance; it trains nothing. The EAGLE-2 head's draws, which reached into that range
+    (pool 12,000), are excluded too."""
     from .data import SHAREGPT_EVAL_FROM, sample_conversations
 
     trained = {key for count, draw_seed, pool in TRAINING_DRAWS
                for key, _ in sample_conversations(count, skip_ids=set(), seed=draw_seed, pool=pool)}
-    chosen = sample_conversations(count, skip_ids=trained, seed=seed, pool=SHAREGPT_EVAL_FROM)
+    chosen = sample_conversations(count, skip_ids=trained, seed=seed, pool=10 ** 9, start=SHAREGPT_EVAL_FROM)
     return [messages[0]["content"] for _, messages in chosen]
 
 

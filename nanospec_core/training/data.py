@@ -122,14 +122,17 @@ def render(tokenizer, messages: list[dict], max_tokens: int) -> tuple[list[int],
 SHAREGPT_EVAL_FROM = 8000  # ShareGPT records from here on are evaluation-only, never training data
 
 
-def sample_conversations(count: int, skip_ids: set[str], seed: int = 0,
-                         pool: int = SHAREGPT_EVAL_FROM) -> list[tuple[str, list]]:
-    """`count` conversations (id, messages) balanced over categories, from the first `pool` records (never past
-    SHAREGPT_EVAL_FROM unless asked: the EAGLE-2 head's draws used pool 12000, see its model card)."""
+def sample_conversations(count: int, skip_ids: set[str], seed: int = 0, pool: int = SHAREGPT_EVAL_FROM,
+                         start: int = 0) -> list[tuple[str, list]]:
+    """`count` conversations (id, messages) balanced over categories, from records start..pool-1 (never past
+    SHAREGPT_EVAL_FROM for training: the EAGLE-2 head's draws used pool 12000, see its model card; measurements
+    such as calibrate-head may read the evaluation range with start=SHAREGPT_EVAL_FROM)."""
     by_category: dict[str, list] = {}
     for n, record in enumerate(iter_sharegpt()):
         if n >= pool:
             break
+        if n < start:
+            continue
         messages = to_messages(record)
         if messages is None or record.get("id") in skip_ids or len(messages[0]["content"]) > 6000:
             continue
