@@ -39,7 +39,7 @@ def calibration_prompts(count: int, seed: int = 1) -> list[str]:
 
     trained = {key for count, draw_seed, pool in TRAINING_DRAWS
                for key, _ in sample_conversations(count, skip_ids=set(), seed=draw_seed, pool=pool)}
-    chosen = sample_conversations(count, skip_ids=trained, seed=seed, pool=10 ** 9, start=SHAREGPT_EVAL_FROM)
+    chosen = sample_conversations(count, skip_ids=trained, seed=seed, pool=None, start=SHAREGPT_EVAL_FROM)
     return [messages[0]["content"] for _, messages in chosen]
 
 
