@@ -14,10 +14,10 @@ REPO = PACKAGE.parent
 ASSETS = Path(os.environ.get("NANOSPEC_ASSETS", REPO / "assets"))
 DEFAULT_QUESTIONS = Path(os.environ.get("NANOSPEC_QUESTIONS",
                                         REPO.parent / "shared" / "data" / "spec_bench" / "question.jsonl"))
-# Shipped head kinds, the default first. EAGLE-2 stays the default for now: the stage-1 EAGLE-3 head keeps a 25%
-# longer held-out chain on the target's own answers, but on Spec-Bench at the same tree it accepted no more
-# (tau 1.68 vs 1.70, 13 prompts, docs/results.md) and its layer costs more per level. Swap when it measures faster.
-HEAD_KINDS = ("eagle2", "eagle3")
+# Shipped head kinds, the default first. EAGLE-3 since its stage-2 head: held-out top-1 0.380 against EAGLE-2's 0.286
+# (same positions), and NanoSpec ran 1.27x `hf` with it against 1.21x with EAGLE-2, each at its auto tree, in
+# back-to-back 13-prompt Spec-Bench runs (docs/results.md). `--head eagle2` keeps the EAGLE-2 baseline loadable.
+HEAD_KINDS = ("eagle3", "eagle2")
 
 
 def shipped_head_dir(model_key: str, kind: str | None = None) -> Path:

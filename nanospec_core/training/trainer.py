@@ -326,9 +326,10 @@ def run(args: argparse.Namespace) -> dict:
                  "heldout_top1": round(metrics["top1"], 4),
                  **{f"heldout_{k}": round(v, 4) for k, v in metrics.items() if k.startswith("top1_level")},
                  "heldout_expected_chain": round(metrics["expected_chain"], 3),
-                 "heldout_positions": metrics["positions"],
-                 "heldout_text_top1": round(both["text"]["top1"], 4),
-                 "heldout_text_expected_chain": round(both["text"]["expected_chain"], 3)})
+                 "heldout_positions": metrics["positions"]})
+    if both["text"]["positions"]:  # no ShareGPT text in this stage's data: no text figure (not a 0.0)
+        info.update({"heldout_text_top1": round(both["text"]["top1"], 4),
+                     "heldout_text_expected_chain": round(both["text"]["expected_chain"], 3)})
     info["stages"] = stage_rows(out, args.init, info, metrics)
     export(head, out, {"training": {k: v for k, v in info.items() if k != "stages"}})
     (out / "stages.json").write_text(json.dumps(info["stages"], indent=2) + "\n")
