@@ -124,9 +124,9 @@ SHAREGPT_EVAL_FROM = 8000  # ShareGPT records from here on are evaluation-only, 
 
 def sample_conversations(count: int, skip_ids: set[str], seed: int = 0, pool: int | None = SHAREGPT_EVAL_FROM,
                          start: int = 0) -> list[tuple[str, list]]:
-    """`count` conversations (id, messages) balanced over categories, from records start..pool-1 (None: to the end of the file; never past
-    SHAREGPT_EVAL_FROM for training: the EAGLE-2 head's draws used pool 12000, see its model card; measurements
-    such as calibrate-head may read the evaluation range with start=SHAREGPT_EVAL_FROM)."""
+    """`count` conversations (id, messages) balanced over categories, from records start..pool-1 (pool None: to the
+    end of the file). Training never reads past SHAREGPT_EVAL_FROM (the EAGLE-2 head's draws used pool 12000, see
+    its model card); measurements such as calibrate-head read the evaluation range with start=SHAREGPT_EVAL_FROM."""
     by_category: dict[str, list] = {}
     for n, record in enumerate(iter_sharegpt()):
         if pool is not None and n >= pool:
