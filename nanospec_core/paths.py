@@ -14,9 +14,9 @@ REPO = PACKAGE.parent
 ASSETS = Path(os.environ.get("NANOSPEC_ASSETS", REPO / "assets"))
 DEFAULT_QUESTIONS = Path(os.environ.get("NANOSPEC_QUESTIONS",
                                         REPO.parent / "shared" / "data" / "spec_bench" / "question.jsonl"))
-# Shipped head kinds, the default first. EAGLE-3 since its stage-2 head: held-out top-1 0.380 against EAGLE-2's 0.286
-# (same positions), and NanoSpec ran 1.27x `hf` with it against 1.21x with EAGLE-2, each at its auto tree, in
-# back-to-back 13-prompt Spec-Bench runs (docs/results.md). `--head eagle2` keeps the EAGLE-2 baseline loadable.
+# Head kinds a model may ship, the default first. Only EAGLE-3 ships for the embedded target: its EAGLE-2 head was
+# removed because a third of its training conversations came from ShareGPT's evaluation range (records >= 8,000).
+# `--head eagle2` loads one again wherever assets/heads/<model>/eagle2 holds a head trained on allowed records.
 HEAD_KINDS = ("eagle3", "eagle2")
 
 
@@ -33,3 +33,9 @@ def shipped_head_dir(model_key: str, kind: str | None = None) -> Path:
 
 def frequency_table(model_key: str) -> Path:
     return ASSETS / "frequency" / f"{model_key}.safetensors"
+
+
+def head_data(model_key: str) -> Path:
+    """data/head/<model>: the committed head-training corpus (training/corpus.py), beside the repository's assets
+    but not in them (the Space does not need it). NANOSPEC_HEAD_DATA points elsewhere."""
+    return Path(os.environ.get("NANOSPEC_HEAD_DATA", REPO / "data" / "head")) / model_key

@@ -17,7 +17,7 @@ import torch
 from .config import DRAFT_METHODS, METHODS, GenerationConfig, TreeConfig, VocabConfig
 from .decoding.engine import speculative_decode
 from .decoding.request import Request
-from .decoding.tree_choice import TreeChoice, choose_tree, interpolate, load_acceptance
+from .decoding.tree_choice import TreeChoice, choose_tree, interpolate, load_acceptance, predict
 from .decoding.plain import hf_generate, plain_decode
 from .errors import NanoSpecError
 from .metrics import RunSummary, StepStats, summarize
@@ -112,6 +112,21 @@ class Session:
                 costs = self._tree_costs()
                 self._tree_choice = choose_tree(ranks, interpolate(costs["verify"]), interpolate(costs["level"]))
         return self._tree_choice
+
+    def tree_prediction(self, tree: TreeConfig) -> TreeChoice | None:
+        """The cost model's figures (tau, draft / verify / round ms, break-even tau) for `tree`: the chooser's own
+        when it is the chosen tree; None when the head has no acceptance table."""
+        choice = self.tree_choice()
+        if choice.expected_tau is None:
+            return None
+        if vars(tree) == vars(choice.tree):
+            return choice
+        costs = self.tree_costs()
+        return predict(load_acceptance(self._head_dir), interpolate(costs["verify"]), interpolate(costs["level"]), tree)
+
+    def tree_costs(self) -> dict[str, dict[int, float]]:
+        """This machine's cost curves for the loaded model and head (profiling.tree_costs), measured once, cached."""
+        return self._tree_costs()
 
     def _tree_costs(self) -> dict[str, dict[int, float]]:
         from .machine import read_cache, write_cache

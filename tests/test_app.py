@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import app
-from nanospec_core import locality_view, session_cache, ui
+from nanospec_core.views import locality_view, session_cache, ui
 from nanospec_core.compare import RunTrace, first_difference
 from nanospec_core.config import GenerationConfig, TreeConfig, VocabConfig
 from nanospec_core.decoding.tree_choice import TreeChoice

@@ -3,9 +3,9 @@ marked, the origin shares, and the growth chart on a scale where both lines read
 import pytest
 
 from nanospec_core.compare import RunTrace
-from nanospec_core.locality_view import growth_figure, origin_shares
+from nanospec_core.views.locality_view import growth_figure, origin_shares
 from nanospec_core.metrics import StepStats, TreeView
-from nanospec_core.round_view import drafted_rounds, round_view, starts
+from nanospec_core.views.round_view import drafted_rounds, round_view, starts
 
 
 def step(round_, tokens, tree_path, hits=None, origins=None, active=300):

@@ -64,15 +64,17 @@ def test_the_graph_sees_lazy_imports():
     assert "nanospec_core.models.eagle" in edges["nanospec_core.models.eagle_checkpoint"]
 
 
-TOOLING = ("nanospec_core.bench", "nanospec_core.training", "nanospec_core.__main__", "nanospec_core.cli_args")
+TOOLING = ("nanospec_core.bench", "nanospec_core.training", "nanospec_core.__main__", "nanospec_core.cli_args",
+           "nanospec_core.views")
 
 
-def test_the_runtime_never_imports_the_tooling():
-    """Benchmark and training code sit apart: a runtime module (what the app and a library user import) reaches
+def test_the_runtime_never_imports_the_tooling_or_the_views():
+    """Benchmark, training and presentation code sit apart: a runtime module (what a library user imports) reaches
     none of them, so they can grow without weighing on a decode."""
     edges = graph()
     runtime = [m for m in edges if not m.startswith(TOOLING)]
     assert "nanospec_core.session" in runtime and "nanospec_core.decoding.engine" in runtime
+    assert "nanospec_core.views.ui" in edges and "nanospec_core.views.ui" not in runtime
     leaks = {m: sorted(t for t in edges[m] if t.startswith(TOOLING)) for m in runtime}
     assert not {m: t for m, t in leaks.items() if t}, leaks
 

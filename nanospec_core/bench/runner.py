@@ -27,9 +27,10 @@ from collections.abc import Callable
 import pandas as pd
 import torch
 
+from .cost_check import cost_table
 from .store import load_previous, write_rows
 from ..compare import first_difference, top2_margin
-from ..config import GenerationConfig, TreeConfig, VocabConfig
+from ..config import DRAFT_METHODS, GenerationConfig, TreeConfig, VocabConfig
 from ..errors import NanoSpecError
 from ..paths import DEFAULT_QUESTIONS
 
@@ -175,6 +176,9 @@ class BenchResult:
                 row = draft[draft.method == "nanospec"].iloc[0]
                 parts.append(f"\nNanoSpec / EAGLE: draft time x{row['draft vs eagle']:.3f}, "
                              f"tau x{row['tau vs eagle']:.3f}\n")
+        costs = cost_table(self.per_prompt, self.config.get("tree_prediction"))
+        if not costs.empty:
+            parts += ["\n## The tree chooser's cost model against this run (nanospec, its tree)\n", markdown(costs)]
         diverged = self.per_prompt[~self.per_prompt.equal] if not self.per_prompt.empty else self.per_prompt
         if len(diverged) and diverged.diff_margin.notna().any():
             parts.append(f"\nOutputs differing from {self.methods[0]}: {len(diverged)}; target top-2 logit margin "
@@ -285,7 +289,9 @@ def run_benchmark(session, questions: list[Question], methods: list[str], gen: G
     methods = check_methods(methods)
     if not questions:
         raise NanoSpecError("no questions to run")
-    tree, vocab = tree or session.tree_choice().tree, vocab or VocabConfig()
+    if tree is None:
+        tree = session.tree_choice().tree if any(m in DRAFT_METHODS for m in methods) else TreeConfig()
+    vocab = vocab or VocabConfig()
     config = run_config(session, questions, methods, gen, tree, vocab, raw)
     rows, interrupted = list(previous or []), False
     finished = {}
@@ -366,15 +372,20 @@ def run(args) -> int:
         raise NanoSpecError("--resume needs --out (the folder of the run to continue)")
     out = Path(args.out or Path("bench_out") / time.strftime("%Y%m%d-%H%M%S"))
     session = Session(args.model, dtype=args.dtype, device=args.device, head=args.head)
-    tree, vocab = decode_configs(args, session)
-    print(f"runtime: {session.runtime.describe()}\ntree: {vars(tree)} ({session.tree_choice().reason})",
-          file=sys.stderr)
+    drafting = any(m in DRAFT_METHODS for m in methods)  # hf / vanilla alone need no head
+    tree, vocab = decode_configs(args, session if drafting else None)
+    print(f"runtime: {session.runtime.describe()}", file=sys.stderr)
+    if drafting:
+        print(f"tree: {vars(tree)} ({session.tree_choice().reason})", file=sys.stderr)
     config = run_config(session, questions, methods, gen, tree, vocab, args.raw)
     previous = load_previous(out, config) if args.resume else None
     result = run_benchmark(session, questions, methods, gen, tree, vocab, progress=True, raw=args.raw,
                            previous=previous, on_prompt=lambda rows: write_rows(rows, config, out))
-    result.config.update(runtime=session.runtime.describe(), runtime_probe_ms=session.runtime.costs,
-                         tree_choice=session.tree_choice().to_json())  # reported, not compared by --resume
+    result.config.update(runtime=session.runtime.describe(), runtime_probe_ms=session.runtime.costs)
+    if drafting:  # reported, not compared by --resume
+        prediction = session.tree_prediction(tree)
+        result.config.update(tree_choice=session.tree_choice().to_json(),
+                             tree_prediction=prediction.to_json() if prediction else None)
     print(result.table_markdown())
     written = result.save(out)
     print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)

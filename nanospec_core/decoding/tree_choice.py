@@ -104,10 +104,32 @@ class TreeChoice:
     draft_ms: float | None
     verify_ms: float | None
     reason: str  # one line: how it was chosen
+    plain_ms: float | None = None  # one plain decoding step here: a one-token forward and its logits (measured)
 
     @classmethod
     def fixed(cls, tree: TreeConfig, reason: str) -> "TreeChoice":
         return cls(tree, None, None, None, None, reason)
+
+    @property
+    def round_ms(self) -> float | None:
+        return None if self.draft_ms is None else self.draft_ms + self.verify_ms
+
+    @property
+    def plain_tokens_per_s(self) -> float | None:
+        return None if not self.plain_ms else 1e3 / self.plain_ms
+
+    @property
+    def break_even_tau(self) -> float | None:
+        """Tokens a round must commit to match plain decoding: a round costs round_ms, plain decoding makes one
+        token per plain_ms, so speculation pays exactly when tau > round_ms / plain_ms."""
+        return None if not self.plain_ms or self.round_ms is None else self.round_ms / self.plain_ms
+
+    @property
+    def pays(self) -> bool | None:
+        """Does the model expect this tree to beat plain decoding on this machine?"""
+        if self.expected_tau is None or self.break_even_tau is None:
+            return None
+        return self.expected_tau > self.break_even_tau
 
     def to_json(self) -> dict:
         def r(value, digits):
@@ -115,7 +137,25 @@ class TreeChoice:
 
         return {"tree": vars(self.tree), "expected_tau": r(self.expected_tau, 3),
                 "expected_tokens_per_s": r(self.expected_tokens_per_s, 2), "draft_ms": r(self.draft_ms, 2),
-                "verify_ms": r(self.verify_ms, 2), "reason": self.reason}
+                "verify_ms": r(self.verify_ms, 2), "round_ms": r(self.round_ms, 2), "plain_ms": r(self.plain_ms, 2),
+                "plain_tokens_per_s": r(self.plain_tokens_per_s, 2), "break_even_tau": r(self.break_even_tau, 3),
+                "pays": self.pays, "reason": self.reason}
+
+
+def draft_cost(level_ms: Callable[[int], float], depth: int, top_k: int) -> float:
+    """absorb the accepted tokens (~2 rows), then one head step per level over top_k rows"""
+    return level_ms(2) + depth * level_ms(top_k)
+
+
+def predict(ranks: np.ndarray, verify_ms: Callable[[int], float], level_ms: Callable[[int], float],
+            tree: TreeConfig) -> TreeChoice:
+    """The model's figures for a given tree (the chooser's, or one set by flags)."""
+    depth = min(tree.depth, ranks.shape[1])
+    placed = best_widths(ranks, depth, tree.top_k, tree.total_tokens)
+    tau = placed[-1][1] if placed else 1.0
+    draft, verify = draft_cost(level_ms, tree.depth, tree.top_k), verify_ms(tree.total_tokens + 1)
+    return TreeChoice(tree, float(tau), 1e3 * tau / (draft + verify), float(draft), float(verify),
+                      "predicted for the tree as set", plain_ms=float(verify_ms(1)))
 
 
 def choose_tree(ranks: np.ndarray, verify_ms: Callable[[int], float], level_ms: Callable[[int], float],
@@ -124,7 +164,7 @@ def choose_tree(ranks: np.ndarray, verify_ms: Callable[[int], float], level_ms: 
     best = None
     for depth in range(1, min(max_depth, ranks.shape[1]) + 1):
         for top_k in range(1, max_top_k + 1):
-            draft = level_ms(2) + depth * level_ms(top_k)
+            draft = draft_cost(level_ms, depth, top_k)
             for n, (widths, tau) in enumerate(best_widths(ranks, depth, top_k, max_total), start=1):
                 if widths[-1] == 0 or max(widths) < top_k:  # shallower or narrower: another (D, k) covers it
                     continue
@@ -135,9 +175,13 @@ def choose_tree(ranks: np.ndarray, verify_ms: Callable[[int], float], level_ms: 
                     best = (key, TreeConfig(depth=depth, top_k=top_k, total_tokens=n), float(tau), float(speed),
                             float(draft), float(verify))
     _, tree, tau, speed, draft, verify = best
+    plain = float(verify_ms(1))
     reason = (f"measured: depth {tree.depth}, top-k {tree.top_k}, {tree.total_tokens} nodes maximise expected "
               f"tokens/s ({tau:.2f} tokens per {draft + verify:.0f} ms round)")
-    return TreeChoice(tree, tau, speed, draft, verify, reason)
+    if speed <= 1e3 / plain:
+        reason += (f"; no tree beats plain decoding here ({speed:.1f} vs {1e3 / plain:.1f} tok/s predicted: a round "
+                   f"must commit {(draft + verify) / plain:.2f} tokens to break even)")
+    return TreeChoice(tree, tau, speed, draft, verify, reason, plain_ms=plain)
 
 
 def interpolate(points: dict[int, float]) -> Callable[[int], float]:

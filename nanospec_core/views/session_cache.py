@@ -10,11 +10,11 @@ import threading
 import time
 from collections import OrderedDict
 
-from .errors import NanoSpecError
-from .machine import on_zero_gpu
-from .models.loading import PACKAGED, model_key
-from .paths import shipped_head_dir
-from .session import Session
+from ..errors import NanoSpecError
+from ..machine import on_zero_gpu
+from ..models.loading import PACKAGED, model_key
+from ..paths import shipped_head_dir
+from ..session import Session
 
 
 class SessionCache:

@@ -10,7 +10,7 @@ import math
 
 import pandas as pd
 
-from .compare import RunTrace
+from ..compare import RunTrace
 from .ui import COLORS, chart_layout
 
 ORIGIN_LABELS = {"prompt": "prompt", "prompt-topk": "prompt top-k", "output": "earlier output",

@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .compare import RunTrace
+from ..compare import RunTrace
 from .locality_view import ORIGIN_LABELS
-from .metrics import StepStats
+from ..metrics import StepStats
 from .tree_plot import tree_figure
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from .metrics import TreeView
+from ..metrics import TreeView
 
 COLORS = {"accepted": "#2ca02c", "rejected": "#b0b0b0", "bonus": "#ff7f0e", "miss": "#e45756", "root": "#1f77b4"}
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from .compare import RunTrace, first_difference
-from .config import LIMITS, GenerationConfig, TreeConfig, VocabConfig
-from .errors import NanoSpecError
+from ..compare import RunTrace, first_difference
+from ..config import LIMITS, GenerationConfig, TreeConfig, VocabConfig
+from ..errors import NanoSpecError
 
 MAX_PROMPT_CHARS = 4000
 MAX_MODEL_NAME_CHARS = 300
@@ -277,8 +277,21 @@ def identity_check(traces, temperature: float, decode, dtype: str = "float32",
     return f"**Outputs identical{scope}: no**: " + "; ".join(lines) + "." + tail
 
 
-def status_line(traces, stopped: bool = False, runtime: str = "") -> str:
-    """'done: Plain decoding n tokens in s · EAGLE ...', then where and how it runs (RuntimeChoice.describe)."""
+def forecast(prediction) -> str:
+    """Before (and during) a run: what the tree chooser's cost model expects of speculation on this machine."""
+    if prediction is None or prediction.pays is None:
+        return ""
+    if prediction.pays:
+        return (f"predicted: {prediction.expected_tokens_per_s:.1f} tok/s with speculation vs "
+                f"{prediction.plain_tokens_per_s:.1f} plain")
+    return (f"predicted: no speedup here ({prediction.expected_tokens_per_s:.1f} vs {prediction.plain_tokens_per_s:.1f} "
+            f"tok/s plain: a round must commit {prediction.break_even_tau:.2f} tokens, the head is expected to "
+            f"commit {prediction.expected_tau:.2f}); the comparison runs anyway")
+
+
+def status_line(traces, stopped: bool = False, runtime: str = "", forecast: str = "") -> str:
+    """'done: Plain decoding n tokens in s · EAGLE ...', then the cost model's forecast, then where and how it runs
+    (RuntimeChoice.describe)."""
     state = "stopped" if stopped else ("done" if all(t.finished for t in traces) else "running")
     lanes = ", ".join(f"{lane_label(t.method)} {len(t.token_ids)} tokens in {t.wall_s:.2f} s" for t in traces)
-    return f"{state}: {lanes}" + (f" · {runtime}" if runtime else "")
+    return f"{state}: {lanes}" + (f" · {forecast}" if forecast else "") + (f" · {runtime}" if runtime else "")
