@@ -143,6 +143,21 @@ def cmd_head_prompts(args) -> int:
     return 0
 
 
+def cmd_head_answers(args) -> int:
+    """The target answers head-prompts' file with transformers' batched generate (where vLLM is not installed)."""
+    from pathlib import Path
+
+    from .session import Session
+    from .training.hf_answers import run
+
+    session = Session(args.model, dtype=args.dtype, device=args.device, head="random", progress=False)
+    count = run(session.loaded.hf_model, session.tokenizer, Path(args.prompts), Path(args.out),
+                set(session.stop_ids), batch_size=args.batch, max_new_tokens=args.max_new_tokens,
+                minutes=args.minutes)
+    print(f"{args.out}: {count} new answers")
+    return 0
+
+
 def cmd_head_data(args) -> int:
     """Pack an engine's answers into committed shards, or summarise what is committed (training/corpus.py)."""
     import json
@@ -220,6 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--turns", action="store_true", help="the next user turns of committed conversations")
     prompts.add_argument("--seed", type=int, default=3)
     prompts.set_defaults(func=cmd_head_prompts)
+
+    hf_answers = sub.add_parser("head-answers", help="the target answers head prompts with transformers (GPU)")
+    add_model_args(hf_answers)
+    hf_answers.add_argument("--prompts", required=True)
+    hf_answers.add_argument("--out", required=True, help="answers file (JSON lines, appended to)")
+    hf_answers.add_argument("--batch", type=int, default=64)
+    hf_answers.add_argument("--max-new-tokens", type=int, default=1024)
+    hf_answers.add_argument("--minutes", type=float, default=60.0, help="no new batch starts after this")
+    hf_answers.set_defaults(func=cmd_head_answers)
 
     data = sub.add_parser("head-data", help="pack answers into the committed corpus (data/head), or summarise it")
     data.add_argument("action", choices=("pack", "summary"))

@@ -165,3 +165,28 @@ def test_the_committed_corpus_keeps_its_held_out_list_apart():
     assert sum(m["split"] == "train" for m in manifest) > 0 and sum(m["split"] == "heldout" for m in manifest) > 0
     assert check_split(manifest, held) == []
     assert all(m["engine"] and m["dtype"] and m["sampler"] in ("greedy", "t0.7") for m in manifest)
+
+
+def test_transformers_answers_feed_the_same_packing(tmp_path):
+    """head-answers (the GPU path): greedy answers equal the target's own greedy decoding, end at a stop id or the
+    cap, and pack into a shard like vLLM's."""
+    import torch
+
+    from nanospec_core.models.target import TargetModel
+    from nanospec_core.training.hf_answers import run
+    from tests.conftest import tiny_hf_model, tiny_tokenizer
+
+    hf, tok = tiny_hf_model("qwen2"), tiny_tokenizer()
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [record(f"p{i}", [5 + i] * (3 + i), []) for i in range(3)]
+    prompts.write_text("".join(json.dumps({**r, "temperature": 0.0}) + "\n" for r in rows))
+    assert run(hf, tok, prompts, tmp_path / "answers.jsonl", {2}, batch_size=2, max_new_tokens=5,
+               log=lambda *_: None) == 3
+    target = TargetModel(hf)
+    for answer in corpus.read_jsonl(tmp_path / "answers.jsonl"):
+        ids = list(answer["prompt_ids"])
+        for _ in range(len(answer["answer_ids"])):  # plain greedy decoding, one forward per token
+            ids.append(int(target.logits(target.forward(torch.tensor(ids), target.new_cache(len(ids))).hidden[-1:]).argmax()))
+        assert ids[len(answer["prompt_ids"]):] == answer["answer_ids"] and answer["engine"].startswith("transformers")
+    _, count = corpus.pack_answers(tmp_path / "answers.jsonl", tmp_path / "c", "x", "float32", {2})
+    assert count == 3 and len(corpus.read_corpus(tmp_path / "c")) == 3
