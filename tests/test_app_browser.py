@@ -99,6 +99,9 @@ def test_an_example_streams_three_outputs_the_charts_and_the_round_view(page, tm
     else:  # the tiny model runs in float32: equal token for token
         assert "Outputs identical: yes" in identical
     assert "on this CPU" in status(page) or "on this GPU" in status(page)  # where and how it runs
+    why = page.locator("#why").inner_text()  # the break-even arithmetic, from this run's own rounds
+    assert "Why this speed" in why and "ms a token" in why and "plain steps" in why
+    assert "x plain" in why and ("break even" in why or "commits more than" in why)
     shot = tmp_path / "screenshot.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
