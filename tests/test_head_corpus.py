@@ -132,6 +132,8 @@ def check_split(manifest: list[dict], held: HeldOut) -> list[str]:
     for meta in manifest:
         position = int(meta["record"].split(":", 1)[0]) if meta["source"] == "sharegpt" else None
         if meta["split"] == "heldout":
+            if meta["key"] in held.retired_keys:  # taken off the list: neither scored nor trained on
+                continue
             if meta["base"] not in held.bases:
                 problems.append(f"{meta['key']}: held out but its base is not on the list")
             if position is not None and position < SHAREGPT_EVAL_FROM:
@@ -147,13 +149,18 @@ def check_split(manifest: list[dict], held: HeldOut) -> list[str]:
 
 
 def test_the_split_check_catches_a_leak():
-    held = HeldOut([{"key": "h", "base": "sharegpt:A", "norm": "n0", "kind": "chat"}])
+    held = HeldOut([{"key": "h", "base": "sharegpt:A", "norm": "n0", "kind": "chat"}],
+                   retired=[{"key": "r", "base": "code:x.py", "reason": "seen by an earlier stage"}])
     clean = {"key": "t", "source": "sharegpt", "record": "10:B_0", "base": "sharegpt:B", "norm": "n1",
              "split": "train"}
     assert check_split([clean], held) == []
     assert len(check_split([{**clean, "base": "sharegpt:A"}], held)) == 1
     assert len(check_split([{**clean, "norm": "n0"}], held)) == 1
     assert len(check_split([{**clean, "record": "9000:B_0"}], held)) == 1
+    retired = {"key": "r", "source": "code", "record": "site/x.py:f", "base": "code:x.py", "norm": "n2",
+               "split": "heldout"}
+    assert check_split([retired], held) == [] and held.excludes(retired)  # off the list, and never trained on
+    assert len(check_split([{**retired, "key": "q"}], held)) == 1  # held out, yet on no list
 
 
 def test_the_committed_corpus_keeps_its_held_out_list_apart():
@@ -161,6 +168,7 @@ def test_the_committed_corpus_keeps_its_held_out_list_apart():
     conversation, a file, a package or a normalised prompt with a held-out one, nor reads an evaluation record."""
     held = HeldOut.load(EMBEDDED / "heldout.json")
     assert len(held.items) >= 150 and {i["kind"] for i in held.items} >= {"chat", "code", "long"}
+    assert all(i["base"].startswith("code:vllm/") for i in held.items if i["kind"] == "code")  # no stage drew there
     manifest = corpus.read_manifest(EMBEDDED)
     assert sum(m["split"] == "train" for m in manifest) > 0 and sum(m["split"] == "heldout" for m in manifest) > 0
     assert check_split(manifest, held) == []

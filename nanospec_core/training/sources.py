@@ -178,13 +178,16 @@ def doc_long_items(tokenizer, held: bool, count: int, seed: int) -> list[dict]:
     return items
 
 
-def code_prompts(count: int, seed: int = 0, max_lines: int = 40, packages: bool = False) -> list[tuple[str, str]]:
+def code_prompts(count: int, seed: int = 0, max_lines: int = 40, packages: bool = False,
+                 roots: list[tuple[str, Path]] | None = None) -> list[tuple[str, str]]:
     """(key, prompt) completion tasks from the standard library (and, with `packages`, the installed packages'
-    own source after it): a function's signature and docstring (plus up to `max_lines` lines before it), to be
-    completed. Skips tests and vendored folders. Keys: 'stdlib:<path>:<function>' or 'site:<path>:<function>'."""
-    roots = [("stdlib", Path(sysconfig.get_paths()["stdlib"]))]
-    if packages:
-        roots.append(("site", Path(sysconfig.get_paths()["purelib"])))
+    own source after it), or from `roots` [(label, folder)]: a function's signature and docstring (plus up to
+    `max_lines` lines before it), to be completed. Skips tests and vendored folders. Keys: '<label>:<path>:<function>'
+    ('stdlib:...', 'site:...')."""
+    if roots is None:
+        roots = [("stdlib", Path(sysconfig.get_paths()["stdlib"]))]
+        if packages:
+            roots.append(("site", Path(sysconfig.get_paths()["purelib"])))
     skip = ("test", "tests", "idlelib", "site-packages", "lib2to3", "__pycache__", "_vendor", "vendored")
     rng = random.Random(seed)
     files = []
@@ -214,16 +217,27 @@ def code_prompts(count: int, seed: int = 0, max_lines: int = 40, packages: bool 
     return prompts
 
 
-def code_items(tokenizer, held: bool, count: int, seed: int, skip: set[str] = frozenset()) -> list[dict]:
-    """Completion prompts (code_prompts), files in the held-out bucket on the held-out side only."""
+# Held-out code comes from a source no stage could have drawn from: vLLM's own Python, installed only in the
+# plugin's virtual environment (stage 1 and 2 drew completions from the main interpreter's standard library, all
+# 325 usable files of it, and its site-packages).
+HELD_OUT_CODE_ROOT = ("vllm", Path(__file__).resolve().parents[2] / ".venv-vllm" / "lib" / "python3.11" /
+                      "site-packages" / "vllm")
+
+
+def code_items(tokenizer, held: bool, count: int, seed: int) -> list[dict]:
+    """Completion prompts (code_prompts): training from the standard library and the main site-packages, files in
+    the held-out bucket left out; held-out from vLLM's source (HELD_OUT_CODE_ROOT)."""
     items = []
-    for key, text in code_prompts(count * 14, seed=seed, packages=True):
+    roots = [HELD_OUT_CODE_ROOT] if held else None
+    if held and not HELD_OUT_CODE_ROOT[1].is_dir():
+        raise FileNotFoundError(f"{HELD_OUT_CODE_ROOT[1]}: held-out code needs the vLLM venv (scripts/vllm_venv.sh)")
+    for key, text in code_prompts(count * 14, seed=seed, packages=True, roots=roots):
         if len(items) >= count:
             break
         label, path, function = key.split(":", 2)
         record = f"{label}/{path}:{function}"
         base = base_of("code", record)
-        if held_out_bucket(base) != held or key in skip:
+        if not held and held_out_bucket(base):
             continue
         meta = {"key": f"code:{record}", "source": "code", "kind": "code", "turn": 0, "record": record,
                 "base": base, "norm": norm_hash(text), "split": "heldout" if held else "train"}

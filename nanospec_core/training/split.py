@@ -59,22 +59,27 @@ def prompt_sha(ids: list[int]) -> str:
 class HeldOut:
     """The committed held-out list: its keys, bases and normalised first turns; `excludes(meta)` is the rule."""
 
-    def __init__(self, items: list[dict]):
+    def __init__(self, items: list[dict], retired: list[dict] | None = None):
         self.items = items
+        self.retired = retired or []  # taken off the list (with a reason): neither scored nor trained on
         self.keys = {item["key"] for item in items}
         self.bases = {item["base"] for item in items}
         self.norms = {item["norm"] for item in items}
+        self.retired_keys = {item["key"] for item in self.retired}
 
     def excludes(self, meta: dict) -> bool:
         """True when an item may not train: it is held out, or shares a base or a normalised prompt with one."""
-        return meta["key"] in self.keys or meta["base"] in self.bases or meta["norm"] in self.norms
+        return (meta["key"] in self.keys or meta["key"] in self.retired_keys or meta["base"] in self.bases
+                or meta["norm"] in self.norms)
 
     @classmethod
     def load(cls, path: Path) -> "HeldOut":
-        return cls(json.loads(Path(path).read_text())["items"])
+        body = json.loads(Path(path).read_text())
+        return cls(body["items"], body.get("retired"))
 
     def save(self, path: Path, note: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         body = {"note": note, "count": len(self.items),
-                "items": [{k: item[k] for k in ("key", "base", "norm", "kind")} for item in self.items]}
+                "items": [{k: item[k] for k in ("key", "base", "norm", "kind")} for item in self.items],
+                "retired": self.retired}
         path.write_text(json.dumps(body, indent=0) + "\n")
