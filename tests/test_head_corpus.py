@@ -198,3 +198,15 @@ def test_transformers_answers_feed_the_same_packing(tmp_path):
         assert ids[len(answer["prompt_ids"]):] == answer["answer_ids"] and answer["engine"].startswith("transformers")
     _, count = corpus.pack_answers(tmp_path / "answers.jsonl", tmp_path / "c", "x", "float32", {2})
     assert count == 3 and len(corpus.read_corpus(tmp_path / "c")) == 3
+
+
+def test_every_shipped_head_card_says_what_each_stage_may_have_seen():
+    from nanospec_core.paths import ASSETS
+
+    cards = sorted((ASSETS / "heads").glob("*/*/MODEL_CARD.md"))
+    assert cards
+    for card in cards:
+        stages = card.read_text().split("\n## Stage ")[1:]
+        stages = [s for s in stages if not s.startswith("s (")]  # the stages table's own heading
+        assert stages and all("Sources and the records this stage may have seen" in s for s in stages), card
+        assert all("8,000" in s for s in stages), card  # and where ShareGPT's evaluation range starts

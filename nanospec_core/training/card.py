@@ -60,7 +60,7 @@ def data_lines(info: dict) -> list[str]:
         return []
     items = ", ".join(f"{kind} {row['items']} items / {row['answer_tokens']:,} answer tokens" for kind, row in data.items())
     return [f"- Data: the committed corpus `{info.get('corpus')}` (the target's own answers, token ids with a "
-            f"manifest: training/corpus.py): {items}. Sources and the records this head may have seen: ShareGPT "
+            f"manifest: training/corpus.py): {items}. Sources and the records this stage may have seen: ShareGPT "
             "records before position 8,000 only (each item's position is in the manifest), completion prompts cut "
             "from the standard library's and the installed packages' source, and tasks over installed packages' "
             "documentation; nothing from Spec-Bench, HumanEval or ShareGPT's evaluation range.",
