@@ -72,6 +72,27 @@ def draft_level_ms(target: TargetModel, head, rows: int, context: int = 200, rep
     return statistics.median(times)
 
 
+def timed_rounds(steps, skip: int = 2) -> list[dict]:
+    """Drive a decode (an iterator of StepStats) and time each round from outside: the wall time between rounds
+    holds the draft, the verify and the engine's bookkeeping (commit, vocabulary update, statistics). Round 0 (the
+    prefill) and the next `skip` warm-up rounds are left out."""
+    import time
+
+    rows, start = [], time.perf_counter()
+    for step in steps:
+        now = time.perf_counter()
+        if step.round > skip:
+            rows.append({"tree_size": step.tree_size, "draft_ms": step.draft_ms, "verify_ms": step.verify_ms,
+                         "wall_ms": (now - start) * 1e3, "accepted": step.accepted})
+        start = time.perf_counter()
+    return rows
+
+
+def round_overhead_ms(rows: list[dict], predicted_round_ms: float) -> float:
+    """What the cost model leaves out of a round: the median measured round minus the predicted draft + verify."""
+    return statistics.median(row["wall_ms"] for row in rows) - predicted_round_ms
+
+
 def tree_costs(target: TargetModel, head) -> dict[str, dict[int, float]]:
     """The two cost curves the tree chooser reads: {'verify': {tokens: ms}, 'level': {rows: ms}}."""
     return {"verify": {n: forward_cost_ms(target, n) for n in VERIFY_SIZES},

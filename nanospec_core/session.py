@@ -26,6 +26,9 @@ from .models.loading import cache_dir, load_model, resolve_model_dir
 from .models.target import TargetModel
 from .paths import HEAD_KINDS, shipped_head_dir
 
+# The prompt of the one short decode that measures a real round's cost beyond the cost curves (Session._round_overhead)
+CALIBRATION_PROMPT = "Explain what a hash map is, then write a short Python function that counts words with one."
+
 PROMPT_LOOKUP_TOKENS = 10  # transformers' prompt-lookup decoding: candidate tokens copied from the prompt
 
 
@@ -110,8 +113,30 @@ class Session:
                                                      "table (python -m nanospec_core calibrate-head)")
             else:
                 costs = self._tree_costs()
-                self._tree_choice = choose_tree(ranks, interpolate(costs["verify"]), interpolate(costs["level"]))
+                verify, level = interpolate(costs["verify"]), interpolate(costs["level"])
+                overhead = self._round_overhead(ranks, verify, level)
+                self._tree_choice = choose_tree(ranks, verify, level, overhead_ms=overhead)
         return self._tree_choice
+
+    def _round_overhead(self, ranks, verify, level) -> float:
+        """ms a real round costs beyond the cost curves' draft + verify on this machine: one short NanoSpec decode
+        of a fixed prompt at the curves' own choice, timed round by round (profiling.timed_rounds), then cached
+        beside the curves."""
+        from .machine import read_cache, write_cache
+        from .profiling import round_overhead_ms, timed_rounds
+
+        path = cache_dir() / "round_overhead.json"
+        entries = read_cache(path)
+        key = self._costs_key()
+        if key not in entries:
+            first = choose_tree(ranks, verify, level)
+            steps = self.stream("nanospec", self.encode(CALIBRATION_PROMPT), GenerationConfig(max_new_tokens=48),
+                                tree=first.tree)
+            rows = timed_rounds(steps)
+            entries[key] = {"overhead_ms": round_overhead_ms(rows, first.round_ms) if rows else 0.0,
+                            "tree": vars(first.tree), "predicted_round_ms": first.round_ms, "rounds": rows}
+            write_cache(path, entries)
+        return float(entries[key]["overhead_ms"])
 
     def tree_prediction(self, tree: TreeConfig) -> TreeChoice | None:
         """The cost model's figures (tau, draft / verify / round ms, break-even tau) for `tree`: the chooser's own
@@ -122,19 +147,23 @@ class Session:
         if vars(tree) == vars(choice.tree):
             return choice
         costs = self.tree_costs()
-        return predict(load_acceptance(self._head_dir), interpolate(costs["verify"]), interpolate(costs["level"]), tree)
+        return predict(load_acceptance(self._head_dir), interpolate(costs["verify"]), interpolate(costs["level"]), tree,
+                       overhead_ms=choice.overhead_ms)
 
     def tree_costs(self) -> dict[str, dict[int, float]]:
         """This machine's cost curves for the loaded model and head (profiling.tree_costs), measured once, cached."""
         return self._tree_costs()
 
+    def _costs_key(self) -> str:
+        r = self.runtime
+        return (f"{r.machine} | torch {torch.__version__} | {r.device} | {self.loaded.key} | {r.dtype} | "
+                f"{r.backbone_layout},{r.head_layout} | head {self._head_dir}")
+
     def _tree_costs(self) -> dict[str, dict[int, float]]:
         from .machine import read_cache, write_cache
         from .profiling import tree_costs
 
-        r = self.runtime
-        key = (f"{r.machine} | torch {torch.__version__} | {r.device} | {self.loaded.key} | {r.dtype} | "
-               f"{r.backbone_layout},{r.head_layout} | head {self._head_dir}")
+        key = self._costs_key()
         path = cache_dir() / "tree_costs.json"
         entries = read_cache(path)
         if key not in entries:

@@ -2,10 +2,12 @@
 
 Model of one round with a tree of depth D, top-k k and N draft nodes:
 
-    tokens/s(D, k, N) = E[committed tokens per round] / (draft_ms(D, k) + verify_ms(N + 1)) * 1000
+    tokens/s(D, k, N) = E[committed tokens per round] / (draft_ms(D, k) + verify_ms(N + 1) + overhead_ms) * 1000
     draft_ms(D, k)    = level_ms(rows=2) + D * level_ms(rows=k)     absorb (~tau pairs), then one head step per level
     verify_ms(n)      = the target's forward over n tree tokens after a cached context, plus logits (measured)
     E[committed]      = 1 + sum_{d=1..D} P(the tree holds the target's tokens at depths 1..d)       (bonus included)
+    overhead_ms       = what a real round costs beyond the two microbenchmarks (commit, vocabulary update, host
+                        reads, a longer context than the curves' 200 tokens): measured once on real rounds
 
 The head's acceptance is measured once per head (`calibrate-head`, stored as acceptance.json beside its weights):
 for held-out positions p, ranks[p][d-1] is the rank of the target's greedy token among the head's depth-d
@@ -105,6 +107,7 @@ class TreeChoice:
     verify_ms: float | None
     reason: str  # one line: how it was chosen
     plain_ms: float | None = None  # one plain decoding step here: a one-token forward and its logits (measured)
+    overhead_ms: float = 0.0  # per round, beyond draft + verify: the engine's bookkeeping (measured on real rounds)
 
     @classmethod
     def fixed(cls, tree: TreeConfig, reason: str) -> "TreeChoice":
@@ -112,7 +115,7 @@ class TreeChoice:
 
     @property
     def round_ms(self) -> float | None:
-        return None if self.draft_ms is None else self.draft_ms + self.verify_ms
+        return None if self.draft_ms is None else self.draft_ms + self.verify_ms + self.overhead_ms
 
     @property
     def plain_tokens_per_s(self) -> float | None:
@@ -137,7 +140,8 @@ class TreeChoice:
 
         return {"tree": vars(self.tree), "expected_tau": r(self.expected_tau, 3),
                 "expected_tokens_per_s": r(self.expected_tokens_per_s, 2), "draft_ms": r(self.draft_ms, 2),
-                "verify_ms": r(self.verify_ms, 2), "round_ms": r(self.round_ms, 2), "plain_ms": r(self.plain_ms, 2),
+                "verify_ms": r(self.verify_ms, 2), "overhead_ms": r(self.overhead_ms, 2),
+                "round_ms": r(self.round_ms, 2), "plain_ms": r(self.plain_ms, 2),
                 "plain_tokens_per_s": r(self.plain_tokens_per_s, 2), "break_even_tau": r(self.break_even_tau, 3),
                 "pays": self.pays, "reason": self.reason}
 
@@ -148,19 +152,21 @@ def draft_cost(level_ms: Callable[[int], float], depth: int, top_k: int) -> floa
 
 
 def predict(ranks: np.ndarray, verify_ms: Callable[[int], float], level_ms: Callable[[int], float],
-            tree: TreeConfig) -> TreeChoice:
+            tree: TreeConfig, overhead_ms: float = 0.0) -> TreeChoice:
     """The model's figures for a given tree (the chooser's, or one set by flags)."""
     depth = min(tree.depth, ranks.shape[1])
     placed = best_widths(ranks, depth, tree.top_k, tree.total_tokens)
     tau = placed[-1][1] if placed else 1.0
     draft, verify = draft_cost(level_ms, tree.depth, tree.top_k), verify_ms(tree.total_tokens + 1)
-    return TreeChoice(tree, float(tau), 1e3 * tau / (draft + verify), float(draft), float(verify),
-                      "predicted for the tree as set", plain_ms=float(verify_ms(1)))
+    return TreeChoice(tree, float(tau), 1e3 * tau / (draft + verify + overhead_ms), float(draft), float(verify),
+                      "predicted for the tree as set", plain_ms=float(verify_ms(1)), overhead_ms=overhead_ms)
 
 
 def choose_tree(ranks: np.ndarray, verify_ms: Callable[[int], float], level_ms: Callable[[int], float],
-                max_depth: int = MAX_DEPTH, max_top_k: int = MAX_TOP_K, max_total: int = MAX_TOTAL) -> TreeChoice:
-    """The (depth, top_k, total_tokens) of highest expected tokens/s (module docstring); ties: the smaller tree."""
+                max_depth: int = MAX_DEPTH, max_top_k: int = MAX_TOP_K, max_total: int = MAX_TOTAL,
+                overhead_ms: float = 0.0) -> TreeChoice:
+    """The (depth, top_k, total_tokens) of highest expected tokens/s (module docstring); ties: the smaller tree.
+    overhead_ms: what a real round costs beyond draft + verify here (Session measures it once on real rounds)."""
     best = None
     for depth in range(1, min(max_depth, ranks.shape[1]) + 1):
         for top_k in range(1, max_top_k + 1):
@@ -169,19 +175,20 @@ def choose_tree(ranks: np.ndarray, verify_ms: Callable[[int], float], level_ms: 
                 if widths[-1] == 0 or max(widths) < top_k:  # shallower or narrower: another (D, k) covers it
                     continue
                 verify = verify_ms(n + 1)
-                speed = 1e3 * tau / (draft + verify)
+                speed = 1e3 * tau / (draft + verify + overhead_ms)
                 key = (round(speed, 6), -n, -depth, -top_k)
                 if best is None or key > best[0]:
                     best = (key, TreeConfig(depth=depth, top_k=top_k, total_tokens=n), float(tau), float(speed),
                             float(draft), float(verify))
     _, tree, tau, speed, draft, verify = best
     plain = float(verify_ms(1))
+    round_ms = draft + verify + overhead_ms
     reason = (f"measured: depth {tree.depth}, top-k {tree.top_k}, {tree.total_tokens} nodes maximise expected "
-              f"tokens/s ({tau:.2f} tokens per {draft + verify:.0f} ms round)")
+              f"tokens/s ({tau:.2f} tokens per {round_ms:.0f} ms round)")
     if speed <= 1e3 / plain:
         reason += (f"; no tree beats plain decoding here ({speed:.1f} vs {1e3 / plain:.1f} tok/s predicted: a round "
-                   f"must commit {(draft + verify) / plain:.2f} tokens to break even)")
-    return TreeChoice(tree, tau, speed, draft, verify, reason, plain_ms=plain)
+                   f"must commit {round_ms / plain:.2f} tokens to break even)")
+    return TreeChoice(tree, tau, speed, draft, verify, reason, plain_ms=plain, overhead_ms=overhead_ms)
 
 
 def interpolate(points: dict[int, float]) -> Callable[[int], float]:
