@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .training.stage import add_arguments as train_arguments, run as train_run
 
     train_arguments(train)
-    train.set_defaults(func=train_run)
+    train.set_defaults(func=lambda args: 0 if train_run(args) is not None else 1)  # run returns its report
 
     calib = sub.add_parser("calibrate-head", help="measure the head's acceptance per depth (the tree chooser's input)")
     add_model_args(calib)
