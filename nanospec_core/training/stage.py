@@ -8,7 +8,8 @@ Data: every committed item (corpus.py) outside the held-out rule (split.py), all
 <work>/features_<dtype>/ once, resumably, in a seeded order that mixes the kinds, so a budget cut short still trains
 on a balanced share; a later call extends them. Held-out: the committed list's items, each scored on its prompt and
 its first `--heldout-answer-tokens` answer tokens, per kind (chat, turn, code, long) and overall, in the target's
-dtype and in any other `--score-dtypes` (a head trained on bf16 features may meet float32 ones at decode time).
+dtype and in any other `--score-dtypes` (a head trained on bf16 features may meet float32 ones at decode time;
+there without the long-context items, whose prompts are most of the extraction cost).
 A stage ships into --out only if it beats the warm-start head on the overall held-out top-1 and expected chain;
 otherwise it stays in <work>/head and the log says why.
 """
@@ -38,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work", default=None, help="features and checkpoints (default runs/head_<kind>_<key>)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--target-dtype", default="auto", help="auto: the fastest measured on this machine")
-    parser.add_argument("--score-dtypes", default="", help="comma list: also score held-out on these features")
+    parser.add_argument("--score-dtypes", default="", help="comma list: also score held-out on these features "
+                        "(long-context items left out there: their prompts are most of the cost)")
     parser.add_argument("--heldout-answer-tokens", type=int, default=96, help="answer positions per held-out item")
     parser.add_argument("--minutes", type=float, default=40.0, help="training budget (this call)")
     parser.add_argument("--end-by", default=None, help="HH:MM (local): shorten training so the run ends by then")
@@ -104,10 +106,15 @@ def load_target(model: str, device: str, dtype: str):
     return runtime, loaded, TargetModel(loaded.hf_model)
 
 
-def held_out_sequences(target, dtype: str, corpus, held, args, work: Path, aux_layers) -> list:
+def held_out_sequences(target, dtype: str, corpus, held, args, work: Path, aux_layers, kinds: dict | None = None,
+                       skip_long: bool = False) -> list:
+    """Held-out features in one dtype (cached in <work>/heldout_<dtype>); skip_long leaves out the long-context
+    items, whose 1-2k-token prompts are most of the cost (the second dtype's check)."""
     from .data import extract_shards, load_sequences
 
     items = held_out_items(corpus, held, args.heldout_answer_tokens)
+    if skip_long:
+        items = [item for item in items if kinds[item[0]] != "long"]
     paths = extract_shards(target, items, work / f"heldout_{dtype}", shard_size=16, aux_layers=aux_layers, log=log)
     return load_sequences(paths)
 
@@ -140,7 +147,7 @@ def run(args: argparse.Namespace) -> dict:
     held_seqs = {dtype: held_out_sequences(target, dtype, corpus, held, args, work, aux)}
     for other in [d for d in args.score_dtypes.split(",") if d and d != dtype]:
         _, _, other_target = load_target(args.model, args.device, other)
-        held_seqs[other] = held_out_sequences(other_target, other, corpus, held, args, work, aux)
+        held_seqs[other] = held_out_sequences(other_target, other, corpus, held, args, work, aux, kinds, True)
         del other_target
 
     def score_all(head) -> dict:
