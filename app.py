@@ -307,7 +307,7 @@ def build_app(banner: str = "", session: Session | None = None) -> gr.Blocks:
             gr.Examples([[p] for _, p in ui.EXAMPLES], inputs=[prompt], example_labels=[k for k, _ in ui.EXAMPLES],
                         cache_examples=False, label="Examples (code, chat, math, summarisation, translation)")
             controls = settings_controls(tree, tree_info)
-            status = gr.Markdown(elem_id="status")
+            status = gr.Markdown(ui.forecast(session.tree_choice()) if measured else "", elem_id="status")
             summary = gr.Dataframe(label="Speed (vs plain decoding: the target alone; vs EAGLE: the same tree with "
                                          "the full-vocabulary draft lm head)", interactive=False, elem_id="summary")
             with gr.Row(equal_height=True):
