@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--score-dtypes", default="", help="comma list: also score held-out on these features "
                         "(long-context items left out there: their prompts are most of the cost)")
     parser.add_argument("--heldout-answer-tokens", type=int, default=96, help="answer positions per held-out item")
+    parser.add_argument("--heldout-per-kind", type=int, default=60, help="held-out items scored per kind (the "
+                        "first in corpus order: the same ones every stage)")
     parser.add_argument("--minutes", type=float, default=40.0, help="training budget (this call)")
     parser.add_argument("--end-by", default=None, help="HH:MM (local): shorten training so the run ends by then")
     parser.add_argument("--steps", type=int, default=None, help="total optimizer steps (default: fit --minutes)")
@@ -59,13 +61,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def held_out_items(corpus: list[dict], held, answer_tokens: int) -> list[tuple[str, list[int], list[int]]]:
-    """The held-out list's committed items, cut after `answer_tokens` answer positions (the prompt stays whole:
-    it is the context the head drafts in)."""
-    items = []
+def held_out_items(corpus: list[dict], held, answer_tokens: int,
+                   per_kind: int | None = None) -> list[tuple[str, list[int], list[int]]]:
+    """The held-out list's committed items (the first `per_kind` of each kind, in corpus order), cut after
+    `answer_tokens` answer positions (the prompt stays whole: it is the context the head drafts in)."""
+    items, taken = [], {}
     for item in corpus:
         meta = item["meta"]
         if meta["split"] != "heldout" or not (meta["key"] in held.keys or meta["base"] in held.bases):
+            continue
+        taken[meta["kind"]] = taken.get(meta["kind"], 0) + 1
+        if per_kind is not None and taken[meta["kind"]] > per_kind:
             continue
         answer = item["answer_ids"][:answer_tokens + 1]
         if len(answer) >= 2:
@@ -112,7 +118,7 @@ def held_out_sequences(target, dtype: str, corpus, held, args, work: Path, aux_l
     items, whose 1-2k-token prompts are most of the cost (the second dtype's check)."""
     from .data import extract_shards, load_sequences
 
-    items = held_out_items(corpus, held, args.heldout_answer_tokens)
+    items = held_out_items(corpus, held, args.heldout_answer_tokens, args.heldout_per_kind)
     if skip_long:
         items = [item for item in items if kinds[item[0]] != "long"]
     paths = extract_shards(target, items, work / f"heldout_{dtype}", shard_size=16, aux_layers=aux_layers, log=log)
