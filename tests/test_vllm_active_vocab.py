@@ -91,3 +91,131 @@ def test_more_live_requests_than_slots_is_a_clear_error(weight):
     vocab.absorb("a", [1])
     with pytest.raises(RuntimeError, match="slots"):
         vocab.absorb("b", [2])
+
+
+# ----- bounds: a rebuild, finished requests, empty sets (issue 24, defects 7-9) -----
+def test_a_rebuild_counts_each_new_id_once(weight):
+    """The ids that trigger a compaction are counted once against the buffer: after the rebuild they fit (6 of 8
+    entries), so the request keeps its restricted set instead of falling back to the full vocabulary."""
+    vocab = ActiveVocab(weight, V, slots=2, core_ids=[0], capacity=8, buffer_capacity=8)
+    vocab.absorb("a", [1, 2, 3, 4, 5, 6])
+    vocab.release("a")
+    vocab.absorb("b", [10, 11, 12, 13, 14])  # 7 + 5 > 8: rebuilt to core + b = 6 entries
+    assert vocab.stats.rebuilds == 1 and vocab.used == 6
+    logits = vocab.logits(torch.randn(1, H), ["b"], full_logits(weight))
+    assert allowed(logits) == [{0, 10, 11, 12, 13, 14}]
+    assert vocab.stats.full_rows == 0
+
+
+def test_the_counters_stay_a_few_numbers_however_many_requests_finish(weight):
+    import pickle
+
+    vocab = ActiveVocab(weight, V, slots=2, core_ids=[0], capacity=8, buffer_capacity=16)
+
+    def serve(requests):
+        for k in range(requests):
+            vocab.absorb(f"r{k}", [10 + k % 7, 20 + k % 5])
+            vocab.release(f"r{k}")
+        return len(pickle.dumps(vocab.stats))
+
+    small = serve(10)
+    assert serve(5000) <= small + 16  # a long-running server: no per-request list in the stats
+    assert vocab.stats.to_json()["avg_final_active"] == pytest.approx(3.0)
+
+
+def test_an_empty_set_never_drafts_outside_it_nor_gives_nan(weight):
+    """No static core and a prompt the pruned head cannot draft: the set is empty. That row is not restricted at all
+    (the full vocabulary), never a row of -inf (NaN softmax, greedy id 0)."""
+    draft_index = torch.full((V,), -1, dtype=torch.long)
+    draft_index[torch.arange(10) * 2 + 20] = torch.arange(10)  # draftable: 20, 22, ..., 38
+    vocab = ActiveVocab(weight[:10], V, slots=2, core_ids=[], capacity=8, buffer_capacity=8, draft_index=draft_index)
+    vocab.absorb("a", [3, 5, 7])  # nothing draftable
+    vocab.absorb("b", [22, 24])
+    logits = vocab.logits(torch.randn(2, H), ["a", "b"], lambda h: restricted_full(h, weight[:10], draft_index))
+    q = torch.softmax(logits, dim=-1)
+    assert not torch.isnan(q).any() and torch.allclose(q.sum(-1), torch.ones(2))
+    greedy = logits.argmax(-1).tolist()
+    assert vocab.contains("a", greedy[0]) and draft_index[greedy[0]] >= 0
+    assert allowed(logits)[1] == {22, 24}
+
+
+def restricted_full(hidden, rows, draft_index):
+    """What vLLM's compute_logits returns for a pruned head: the draftable ids' logits, -inf elsewhere."""
+    out = torch.full((hidden.shape[0], V), float("-inf"))
+    ids = draft_index.ge(0).nonzero().flatten()
+    out[:, ids] = hidden @ rows[draft_index[ids]].T
+    return out
+
+
+def test_the_draft_positions_of_a_step_upload_nothing(weight, monkeypatch):
+    """A host list turned into a device tensor is a blocking copy on CUDA: the step's writes and its row map go up
+    once (the first call here, the runner hook in the engine), never once per draft position."""
+    vocab = ActiveVocab(weight, V, slots=4, core_ids=[0, 1], capacity=16, buffer_capacity=32)
+    vocab.absorb("a", [5, 3])
+    vocab.absorb("b", [7])
+    hidden = torch.randn(2, H)
+    first = vocab.logits(hidden, ["a", "b"], full_logits(weight))
+
+    def no_upload(*args, **kwargs):
+        raise AssertionError("a host-to-device tensor built inside a draft position")
+
+    monkeypatch.setattr(torch, "tensor", no_upload)
+    for _ in range(3):  # the step's next draft positions
+        assert torch.equal(vocab.logits(hidden, ["a", "b"], full_logits(weight)), first)
+
+
+# ----- what was scored, against sets recomputed outside the plugin -----
+def test_q_is_zero_outside_the_set_and_sums_to_one(weight):
+    vocab = ActiveVocab(weight, V, slots=2, core_ids=[0, 1], capacity=16, buffer_capacity=32)
+    vocab.absorb("a", [5, 3, 9])
+    vocab.absorb("b", [40, 41])
+    hidden = torch.randn(2, H)
+    for temperature in (1.0, 0.7):
+        q = torch.softmax(vocab.logits(hidden, ["a", "b"], full_logits(weight)) / temperature, dim=-1)
+        assert torch.allclose(q.sum(-1), torch.ones(2))
+        for row, expected in enumerate(({0, 1, 3, 5, 9}, {0, 1, 40, 41})):
+            outside = [i for i in range(V) if i not in expected]
+            assert q[row, outside].abs().max() == 0
+            exact = torch.softmax((hidden[row] @ weight[sorted(expected)].T) / temperature, dim=-1)
+            assert torch.allclose(q[row, sorted(expected)], exact, atol=1e-6)  # p restricted and renormalised
+
+
+def test_requests_joining_and_leaving_are_scored_against_their_own_history():
+    """A random run of joins, commits, leaves and rebuilds (a small buffer), with disjoint vocabularies per request:
+    each row's finite logits are exactly the ids recomputed from that request's own history, at the full head's
+    values. A row scored with another request's set, or a stale one, fails."""
+    import random
+
+    vocab_size, hidden_size = 400, 8
+    weight = torch.randn(vocab_size, hidden_size, generator=torch.Generator().manual_seed(1))
+    core = [0, 1, 2]
+    vocab = ActiveVocab(weight, vocab_size, slots=3, core_ids=core, capacity=40, buffer_capacity=64)
+    rng = random.Random(0)
+    history: dict[str, list[int]] = {}
+    next_request = 0
+    for step in range(60):
+        if len(history) < 3 and rng.random() < 0.6:  # a request joins with a prompt from its own id range
+            name, next_request = f"r{next_request}", next_request + 1
+            base = 10 + 30 * (int(name[1:]) % 13)
+            history[name] = [base + rng.randrange(30) for _ in range(rng.randint(1, 6))]
+            vocab.absorb(name, history[name])
+        for name in history:  # each live request commits a few ids of its range
+            base = 10 + 30 * (int(name[1:]) % 13)
+            new = [base + rng.randrange(30) for _ in range(rng.randint(0, 2))]
+            history[name] += new
+            vocab.absorb(name, new)
+        if history and rng.random() < 0.25:  # one leaves
+            gone = rng.choice(sorted(history))
+            vocab.release(gone)
+            del history[gone]
+        if not history:
+            continue
+        requests = sorted(history, key=lambda _: rng.random())  # any row order
+        hidden = torch.randn(len(requests), hidden_size)
+        logits = vocab.logits(hidden, requests, lambda h: h @ weight.T)
+        for row, name in enumerate(requests):
+            expected = set(core) | set(history[name])
+            assert allowed(logits[row:row + 1]) == [expected], (step, name)
+            ids = sorted(expected)
+            assert torch.allclose(logits[row, ids], hidden[row] @ weight[ids].T, atol=1e-5)
+    assert vocab.stats.rebuilds > 0 and vocab.stats.full_rows == 0  # the buffer was compacted along the way

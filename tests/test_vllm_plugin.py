@@ -1,6 +1,8 @@
-"""The vLLM plugin's own suite (vllm_plugin/tests: a real vLLM engine on a tiny random model), run in the vLLM
-virtual environment that scripts/vllm_venv.sh builds (.venv-vllm, or $NANOSPEC_VLLM_PYTHON). Outside CI a missing
-environment skips it; in CI (.ci/run builds it) a missing environment fails."""
+"""The vLLM plugin's own suite (vllm_plugin/tests), run in the vLLM virtual environment that scripts/vllm_venv.sh
+builds (.venv-vllm, or $NANOSPEC_VLLM_PYTHON): both model runners' hooks with fakes of vLLM's runner and speculator
+(V2's CUDA-graph path without a GPU), real engines on a tiny random model (Model Runner V1 on the CPU build), and
+`vllm serve` queried over HTTP. Outside CI a missing environment skips it; in CI (.ci/run builds it) a missing
+environment fails."""
 import os
 import subprocess
 from pathlib import Path

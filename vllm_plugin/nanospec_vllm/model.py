@@ -1,118 +1,142 @@
 """EAGLE-3 draft model whose lm head scores each request's active vocabulary (NanoSpec) inside vLLM.
 
-The proposer calls `compute_logits(hidden [R, H])` with one row per running request (per draft position); the runner
-hook (hooks.install) has told the model beforehand which requests those rows are and what each has seen. Each request's
-set is its prompt and committed ids plus the static core (the most frequent tokens of the tokenizer and its stop ids,
-written into the head's config by `python -m nanospec_core export-head --nanospec-vllm`). The ids a request drafts
-come from that set by construction; the target's top-k, which NanoSpec's own engine adds, is not exposed to the
-drafter by vLLM (the sampler returns ids only), so it is left out. A committed token joins its request's set the next
-step: vLLM drafts before it books the step's tokens on the host, and reading them earlier would cost a device sync.
+The proposer (V1) or the speculator (V2) calls `compute_logits(hidden [R, H])` (or `get_top_tokens`, with
+use_local_argmax_reduction) with one row per running request per draft position; the runner hooks (hooks.py) have
+told the model's Restriction beforehand which requests those rows are. Each request's set is its prompt and
+committed ids plus the static core (the most frequent tokens of the tokenizer and its stop ids, written into the
+head's config by `python -m nanospec_core export-head --nanospec-vllm`). The ids a request drafts come from that set
+by construction; the target's top-k, which NanoSpec's own engine adds, is not exposed to the drafter by vLLM (the
+sampler returns ids only), so it is left out. A committed token joins its request's set at the next draft step
+(committed.py: read back from the device's sampled tokens, which async scheduling never books on the host).
 
 Verification is vLLM's own: greedy drafts are accepted only where they equal the target's argmax, and sampled drafts
 go through its rejection sampler with the restricted distribution as q, so the output keeps the target's
 distribution either way. Settings, config.json "nanospec": {"static_core": [ids], "capacity": 8192,
-"buffer_capacity": 32768}. Set NANOSPEC_VLLM_RECORD=1 to record, per drafted row, whether the chosen id was in the
-request's set and what the full vocabulary's argmax would have been (tests; it reads the device every step).
+"buffer_capacity": 32768}. Set NANOSPEC_VLLM_RECORD=<folder> to record, per drafted row (eager V1 steps only: it
+reads the device every call), the request, how many ids vLLM had committed for it, the drafted id, its logit and the
+full head's logits: the tests recompute each row's expected set and draft from those, outside the plugin.
 """
 from __future__ import annotations
 
+import logging
 import os
+from pathlib import Path
 
 import torch
 from vllm.model_executor.models.llama_eagle3 import Eagle3LlamaForCausalLM
 
-from .active_vocab import ActiveVocab
-from .hooks import HookError
+from . import hooks
+from .restriction import Restriction, Settings
+from .rows import HeadRows, draft_index_of
+from .scoring import LogitTransform
+
+logger = logging.getLogger("vllm.nanospec")
+UNQUANTIZED = ("UnquantizedEmbeddingMethod", "UnquantizedLinearMethod")
 
 
 class NanoSpecEagle3LlamaForCausalLM(Eagle3LlamaForCausalLM):
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        settings = dict(getattr(self.config, "nanospec", None) or {})
-        self.nanospec_settings = {"static_core": list(settings.get("static_core", [])),
-                                  "capacity": int(settings.get("capacity", 8192)),
-                                  "buffer_capacity": int(settings.get("buffer_capacity", 32768))}
-        self.slots = vllm_config.scheduler_config.max_num_seqs
-        self.vocab: ActiveVocab | None = None
-        self.seen: dict[str, int] = {}  # request -> tokens already absorbed
-        self.rows: list[str] | None = None  # this step's batch, in row order
-        self.record = [] if os.environ.get("NANOSPEC_VLLM_RECORD") == "1" else None
+        runner = hooks.runner_mode(vllm_config)  # an unsupported mode stops here, with one line
+        self.nanospec = Restriction(Settings.of(getattr(self.config, "nanospec", None)),
+                                    vllm_config.scheduler_config.max_num_seqs, self.config.vocab_size, runner,
+                                    rows=self._nanospec_rows, transform=self._nanospec_transform,
+                                    dtype=getattr(self.logits_processor, "head_dtype", None))
+        self._rows_cache: HeadRows | None = None
+        record = os.environ.get("NANOSPEC_VLLM_RECORD")
+        self.record = {"folder": record, "rows": [], "full": [], "step": []} if record else None
+        logger.info(hooks.describe(runner, vllm_config))
+
+    # ----- the lm head vLLM ended up with -----
+    def _nanospec_rows(self) -> HeadRows:
+        if self._rows_cache is None:
+            head = self.lm_head
+            method = type(getattr(head, "quant_method", None)).__name__
+            if getattr(head, "quant_method", None) is not None and method not in UNQUANTIZED:
+                raise hooks.refuse(f"a quantized draft lm head ({method})", "an unquantized lm head for the draft")
+            shard, all_reduce = None, None
+            if getattr(head, "tp_size", 1) > 1:  # vocab-parallel: this rank holds a shard of the draft rows
+                from vllm.distributed import tensor_model_parallel_all_reduce
+
+                indices = head.shard_indices
+                shard, all_reduce = (indices.org_vocab_start_index, indices.org_vocab_end_index), \
+                    tensor_model_parallel_all_reduce
+            index = draft_index_of(self.draft_id_to_target_id, self.config.vocab_size, head.weight.device)
+            self._rows_cache = HeadRows(lambda: self.lm_head, self.config.vocab_size, index, shard, all_reduce)
+        return self._rows_cache
+
+    def _nanospec_transform(self) -> LogitTransform:
+        return LogitTransform.of(self.logits_processor)
 
     def load_weights(self, weights):
         loaded = super().load_weights(weights)
-        self._build_vocab()
+        self.nanospec_weights_changed()  # a reload: the sets stay, their rows are gathered again
         return loaded
 
-    def _build_vocab(self) -> None:
-        weight = self.lm_head.weight
-        vocab_size = self.config.vocab_size
-        draft_index = None
-        if self.draft_id_to_target_id is not None:  # pruned draft vocabulary: target id d + d2t[d] is row d
-            rows = torch.arange(self.draft_id_to_target_id.shape[0], device=weight.device)
-            draft_index = torch.full((vocab_size,), -1, dtype=torch.long, device=weight.device)
-            draft_index[rows + self.draft_id_to_target_id.to(weight.device)] = rows
-        self.vocab = ActiveVocab(weight, vocab_size, self.slots, self.nanospec_settings["static_core"],
-                                 capacity=self.nanospec_settings["capacity"],
-                                 buffer_capacity=self.nanospec_settings["buffer_capacity"], draft_index=draft_index)
+    def nanospec_build(self) -> None:
+        """After the proposer's load_model (hooks): vLLM has shared the target's lm head into the draft by now."""
+        self._rows_cache = None
+        self.nanospec.ensure_built()
 
-    # ----- called by the runner hook around each draft step -----
-    def nanospec_begin_step(self, batch: list[tuple[str, object]]) -> None:
-        """Absorb what each request of the batch committed since its last step. A request that left the batch
-        (finished, aborted or preempted) frees its slot; one that comes back rebuilds its set from its ids."""
-        present = {request for request, _ in batch}
-        for request in [r for r in self.seen if r not in present]:
-            self.vocab.release(request)
-            del self.seen[request]
-        for request, token_ids in batch:
-            start = self.seen.get(request, 0)
-            new = token_ids[start:].tolist()
-            if new and min(new) < 0:  # a placeholder for a token not yet on the host (async scheduling): stop there
-                new = new[:next(k for k, token in enumerate(new) if token < 0)]
-            self.vocab.absorb(request, new)
-            self.seen[request] = start + len(new)
-        self.rows = [request for request, _ in batch]
-
-    def nanospec_end_step(self) -> None:
-        self.rows = None
+    def nanospec_weights_changed(self) -> None:
+        self._rows_cache = None
+        self.nanospec.weights_changed()
 
     # ----- the draft lm head -----
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        if self.rows is None or self.vocab is None:  # warm-up and dummy runs: no requests behind the rows
-            if self.vocab is not None:
-                self.vocab.stats.unmapped_steps += 1
-            return super().compute_logits(hidden_states)
-        batch, rows = len(self.rows), hidden_states.shape[0]
-        if rows == batch:
-            requests = self.rows
-        elif batch and rows % batch == 0:  # parallel drafting: rows are request-major, rows // batch per request
-            requests = [r for r in self.rows for _ in range(rows // batch)]
-        else:
-            raise HookError(f"nanospec: the draft step has {rows} rows for {batch} requests; this vLLM orders draft "
-                            "rows differently from 0.32.0 (see nanospec_vllm/hooks.py)")
-        logits = self.vocab.logits(hidden_states, requests, super().compute_logits)
-        scale = getattr(self.logits_processor, "scale", 1.0)
-        if scale != 1.0:
-            logits = logits * scale
-        if self.record is not None:
-            self._record(hidden_states, requests, logits)
+        full = super().compute_logits
+        logits = self.nanospec.logits(hidden_states, full)
+        if logits is None:  # warm-up and dummy runs: no requests behind the rows
+            return full(hidden_states)
+        if self.record is not None and self.nanospec.row_slots is None and not _capturing():
+            self._record(hidden_states, logits, full(hidden_states))
         return logits
 
-    def _record(self, hidden_states, requests, logits) -> None:
+    def get_top_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        logits = self.nanospec.logits(hidden_states, super().compute_logits)
+        if logits is None:
+            return super().get_top_tokens(hidden_states)
+        return logits.argmax(dim=-1)
+
+    # ----- NANOSPEC_VLLM_RECORD -----
+    def nanospec_record_step(self, rows: list[tuple[str, int, list]]) -> None:
+        """hooks.v1_begin: per row of this step, the request, how many ids vLLM has committed for it, and the first
+        ids of its prompt (to find the prompt outside the engine)."""
+        self.record["step"] = rows
+
+    def _record(self, hidden_states, logits, full) -> None:
+        rows = self.record["step"]
+        repeat = hidden_states.shape[0] // max(len(rows), 1)
         chosen = logits.argmax(-1).tolist()
-        unrestricted = super().compute_logits(hidden_states).argmax(-1).tolist()
-        for request, token, full in zip(requests, chosen, unrestricted):
-            self.record.append({"request": request, "draft": token, "in_set": self.vocab.contains(request, token),
-                                "full_argmax": full, "full_in_set": self.vocab.contains(request, full)})
+        for k, token in enumerate(chosen):
+            request, committed, prompt_head = rows[k // repeat]
+            self.record["rows"].append({"request": request, "committed": committed, "prompt_head": prompt_head,
+                                        "draft": token, "draft_logit": float(logits[k, token]),
+                                        "full_logit": float(full[k, token])})
+        self.record["full"].append(full.detach().float().cpu())
+
+    def _write_record(self) -> str | None:
+        if not self.record or not self.record["rows"]:
+            return None
+        path = Path(self.record["folder"]) / f"record-{os.getpid()}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"rows": self.record["rows"], "full": torch.cat(self.record["full"])}, path)
+        return str(path)
 
     # ----- read by LLM.collective_rpc (hooks.worker_stats / worker_reset) -----
     def nanospec_stats(self) -> dict:
-        stats = self.vocab.stats.to_json() if self.vocab else {}
-        live = [len(ids) for ids in self.vocab.active.values()] if self.vocab else []
-        return {**stats, "live_requests": len(live), "buffer_used": self.vocab.used if self.vocab else 0,
-                "record": self.record}
+        stats = self.nanospec.stats_json()
+        line = self.nanospec.stats.shortfall()
+        if line:
+            logger.warning(line)
+        return {**stats, "record_file": self._write_record(),
+                "record_rows": len(self.record["rows"]) if self.record else 0}
 
     def nanospec_reset(self) -> None:
-        if self.vocab is not None:
-            self.vocab.stats = type(self.vocab.stats)()
+        self.nanospec.reset_stats()
         if self.record is not None:
-            self.record.clear()
+            self.record.update(rows=[], full=[])
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

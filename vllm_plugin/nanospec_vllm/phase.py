@@ -5,12 +5,15 @@
 Each phase runs in its own process (the benchmark and the tests start one per configuration), so engines never share
 a process and a crash in one configuration cannot spoil another's figures. spec.json:
   model, draft (folder or null), num_speculative_tokens, dtype, max_model_len, batches (requests in flight, one
-  measurement each; 1 decodes the prompts one after another), prompts (token-id lists) or chats (message lists,
-  templated by vLLM), max_tokens, temperature, seed, eager, draft_sample_method, warmup (prompts decoded first),
-  logprobs (2: also report each position's top-2 logit margin, to judge differences between configurations)
+  measurement each; 1 decodes the prompts one after another), max_num_seqs (default: the largest batch; smaller
+  makes requests join as others finish), prompts (token-id lists) or chats (message lists, templated by vLLM),
+  max_tokens (one for all, or one per prompt: requests leave at different steps), temperature, seed, eager,
+  draft_sample_method, warmup (prompts decoded first), logprobs (2: also report each position's top-2 logit
+  margin, to judge differences between configurations)
 result.json, per batch: outputs (token ids per prompt), new_tokens, wall_s, tokens_per_s, spec (vLLM's own counters: drafts,
   draft_tokens, accepted, acceptance_length = 1 + accepted / drafts, counting the bonus token as NanoSpec does),
-  nanospec (the plugin's counters per worker: active-set sizes, rows scored; absent for other drafts).
+  nanospec (the plugin's counters per worker: the runner in use, whether the restriction applied to every draft
+  step, active-set sizes, rows scored; absent for other drafts).
 """
 from __future__ import annotations
 
@@ -63,22 +66,29 @@ def run(spec: dict) -> dict:
                        "num_speculative_tokens": spec.get("num_speculative_tokens", 3),
                        "draft_sample_method": spec.get("draft_sample_method", "greedy")}
     llm = LLM(model=spec["model"], dtype=spec.get("dtype", "bfloat16"), max_model_len=spec.get("max_model_len", 2048),
-              max_num_seqs=max(max(spec["batches"]), 1), seed=spec.get("seed", 0),
+              max_num_seqs=spec.get("max_num_seqs") or max(max(spec["batches"]), 1), seed=spec.get("seed", 0),
               enforce_eager=spec.get("eager", True), speculative_config=speculative, disable_log_stats=False,
               skip_tokenizer_init="prompts" in spec)
-    params = SamplingParams(temperature=spec.get("temperature", 0.0), max_tokens=spec.get("max_tokens", 128),
-                            ignore_eos=spec.get("ignore_eos", False), logprobs=spec.get("logprobs"))  # seeded by the engine (no per-request
-    # seed: vLLM 0.32's CPU sampler cannot rewind a seeded generator after a partial prefill)
+    max_tokens = spec.get("max_tokens", 128)
+
+    def params_for(tokens: int):  # seeded by the engine (no per-request seed: vLLM 0.32's CPU sampler cannot rewind
+        # a seeded generator after a partial prefill)
+        return SamplingParams(temperature=spec.get("temperature", 0.0), max_tokens=tokens,
+                              ignore_eos=spec.get("ignore_eos", False), logprobs=spec.get("logprobs"))
+
+    def sampling(batch):  # one SamplingParams for all, or one per prompt (max_tokens given per prompt)
+        return [params_for(max_tokens[k]) for k, _ in batch] if isinstance(max_tokens, list) else params_for(max_tokens)
+
     if "prompts" in spec:
-        inputs = [TokensPrompt(prompt_token_ids=ids) for ids in spec["prompts"]]
+        inputs = [(k, TokensPrompt(prompt_token_ids=ids)) for k, ids in enumerate(spec["prompts"])]
 
         def decode(batch):
-            return llm.generate(batch, params, use_tqdm=False)
+            return llm.generate([prompt for _, prompt in batch], sampling(batch), use_tqdm=False)
     else:
-        inputs = spec["chats"]
+        inputs = list(enumerate(spec["chats"]))
 
         def decode(batch):
-            return llm.chat(batch, params, use_tqdm=False)
+            return llm.chat([chat for _, chat in batch], sampling(batch), use_tqdm=False)
 
     for prompt in inputs[:spec.get("warmup", 0)]:  # first-call costs (allocations, kernels) before the clock
         decode([prompt])
