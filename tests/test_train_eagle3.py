@@ -76,6 +76,29 @@ def test_a_few_eagle3_steps_lower_the_loss(target, hf, tmp_path, levels):
     assert len(curve) == 30 and sum(curve[-5:]) / 5 < 0.7 * sum(curve[:3]) / 3
 
 
+def test_bf16_autocast_steps_lower_the_loss_on_float32_master_weights(target, tmp_path, monkeypatch):
+    """compute_dtype=bf16: the matmuls run in bf16 (seen inside the loss), the weights and their updates stay
+    float32, and the loss falls as in float32."""
+    import nanospec_core.training.trainer as trainer
+
+    seen = []
+    real = trainer.sequence_loss
+
+    def watched(head, *args, **kwargs):
+        seen.append(head.fc(torch.zeros(1, head.fc.in_features)).dtype)
+        return real(head, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "sequence_loss", watched)
+    head = make_head("eagle3", target, None, seed=0)
+    train(head, sequences_for(target, tmp_path), target.lm_head_weight, tmp_path, steps=30, tokens_per_step=64,
+          lr=3e-3, warmup=3, negatives=64, checkpoint_every=100, levels=2, feature_weight=0.1, cls_weight=1.0,
+          compute_dtype=torch.bfloat16)
+    curve = [float(r["loss"]) for r in csv.DictReader((tmp_path / "loss.csv").open())]
+    assert set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in head.parameters())
+    assert len(curve) == 30 and sum(curve[-5:]) / 5 < 0.7 * sum(curve[:3]) / 3
+
+
 def test_tied_head_trains_its_layer_not_the_targets_lm_head(target):
     head = make_head("eagle3", target, None, seed=0)
     assert head.lm_head is None and head.lm_head_weight is target.lm_head_weight

@@ -11,6 +11,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "vllm_plugin"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "vllm_plugin" / "tests"))
+from lockstep import LockstepAllReduce  # noqa: E402
 from nanospec_vllm.active_vocab import ActiveVocab  # noqa: E402
 from nanospec_vllm.rows import HeadRows  # noqa: E402
 from nanospec_vllm.scoring import LogitTransform  # noqa: E402
@@ -149,23 +151,12 @@ def test_a_tensor_parallel_head_gives_every_rank_the_full_rows(weight):
     draft_index = torch.full((V,), -1, dtype=torch.long)
     draft_index[torch.arange(40) + 10] = torch.arange(40)  # draft row d scores target id d + 10
     shards = [(0, 20), (20, 40)]
-    barrier, parts = threading.Barrier(2), {}
-
-    def all_reduce(rank):
-        def reduce(local):
-            parts[rank] = local
-            barrier.wait()
-            total = parts[0] + parts[1]
-            barrier.wait()
-            return total
-        return reduce
-
-    results = {}
+    all_reduce, results = LockstepAllReduce(2), {}
 
     def rank_run(rank):
         start, end = shards[rank]
         rows = HeadRows(draft_rows[start:end].clone(), V, draft_index, shard=(start, end),
-                        all_reduce=all_reduce(rank))
+                        all_reduce=all_reduce.of(rank))
         vocab = ActiveVocab(rows, V, slots=2, core_ids=[10, 49], capacity=16, buffer_capacity=32)
         vocab.absorb("a", [12, 35, 48, 3])  # 3 cannot be drafted
         hidden = torch.ones(1, H)

@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", default=None, help="head folder to start from (default: random)")
     parser.add_argument("--extract-only", action="store_true", help="stop after the features")
     parser.add_argument("--eval-head", nargs="+", default=None, help="only score these heads on the held-out list")
+    parser.add_argument("--train-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                        help="the matmuls' dtype under autocast (float32 master weights either way); auto: the "
+                             "target's, which the machine probe measured fastest here")
     parser.add_argument("--tokens-per-step", type=int, default=2048)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--warmup", type=int, default=10)
@@ -183,7 +186,9 @@ def run(args: argparse.Namespace) -> dict:
     head = make_head(args.kind, target, args.init, args.seed)
     feature_weight, cls_weight = LOSS_WEIGHTS[args.kind]
     trial = work / "head"
+    compute = runtime.torch_dtype if args.train_dtype == "auto" else getattr(torch, args.train_dtype)
     info = {"model": loaded.key, "kind": args.kind, "target_dtype": dtype, "machine": runtime.machine,
+            "train_dtype": str(compute).removeprefix("torch."),
             "corpus": str(folder), "data": data, "levels": args.levels, "init": args.init,
             "train_sequences": len(train_seqs), "train_scored_tokens": n_tokens,
             "loss_weights": {"feature": feature_weight, "cross_entropy": cls_weight},
@@ -201,7 +206,8 @@ def run(args: argparse.Namespace) -> dict:
     state = train(head, train_seqs, lm_head_weight, work, minutes=minutes, steps=args.steps,
                   tokens_per_step=args.tokens_per_step, lr=args.lr, warmup=args.warmup, negatives=args.negatives,
                   checkpoint_every=args.checkpoint_every, seed=args.seed, levels=args.levels,
-                  feature_weight=feature_weight, cls_weight=cls_weight, on_checkpoint=on_checkpoint)
+                  feature_weight=feature_weight, cls_weight=cls_weight, on_checkpoint=on_checkpoint,
+                  compute_dtype=compute)
 
     # 4. Held-out: this head against the warm start, same positions; ship only if it is better.
     mine = score_all(head)

@@ -60,8 +60,12 @@ def load_checkpoint(path: Path, head, optimizer) -> dict:
 def train(head, train_seqs, lm_head_weight, work: Path, *, minutes: float | None = None, steps: int | None = None,
           tokens_per_step: int = 4096, lr: float = 5e-4, warmup: int = 20, negatives: int = 1024,
           noise: float = FEATURE_NOISE, clip: float = 0.5, checkpoint_every: int = 10, seed: int = 0, levels: int = 1,
-          feature_weight: float = 1.0, cls_weight: float = 0.1, on_checkpoint=None) -> dict:
+          feature_weight: float = 1.0, cls_weight: float = 0.1, on_checkpoint=None,
+          compute_dtype: torch.dtype = torch.float32) -> dict:
     """Train `head` in place; resumes from work/checkpoint.pt. Stops after `steps` or `minutes` of this call.
+
+    compute_dtype: the forward and backward matmuls run in it under autocast (float32 master weights and optimizer
+    state either way); bf16 where the machine probe measured bf16 linears faster (stage.py's `--train-dtype auto`).
 
     With only `minutes`, the total step count (which fixes the cosine schedule) is set from the measured time of
     the first 3 steps and stored in the checkpoint, so a resumed run keeps the same schedule.
@@ -82,6 +86,8 @@ def train(head, train_seqs, lm_head_weight, work: Path, *, minutes: float | None
     if steps is not None:
         state["total_steps"] = steps
     head.train()
+    device = next(head.parameters()).device.type
+    autocast = torch.autocast(device, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
     generator = torch.Generator().manual_seed(seed + state["step"])
     deadline = time.time() + minutes * 60 if minutes else None
     started, step_tokens = time.time(), 0
@@ -106,8 +112,9 @@ def train(head, train_seqs, lm_head_weight, work: Path, *, minutes: float | None
                 seq = train_seqs[order[state["cursor"]]]
                 seq = seq.load() if hasattr(seq, "load") else seq  # data.ShardSequence: read from disk once
                 state["cursor"] += 1
-                loss, stats = sequence_loss(head, seq, lm_head_weight, negatives, noise, generator, levels=levels,
-                                            feature_weight=feature_weight, cls_weight=cls_weight)
+                with autocast:
+                    loss, stats = sequence_loss(head, seq, lm_head_weight, negatives, noise, generator,
+                                                levels=levels, feature_weight=feature_weight, cls_weight=cls_weight)
                 if loss is None:
                     continue
                 (loss * stats["n"] / tokens_per_step).backward()  # token-weighted mean over the step

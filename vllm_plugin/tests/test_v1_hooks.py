@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("vllm")
 from fakes import (H, K, V, FakeV1Runner, Request, build_model, check_scored, install_v1, scenario,  # noqa: E402
                    share_head, v1_step)
+from lockstep import LockstepAllReduce  # noqa: E402
 
 CORE = list(range(8))
 NANOSPEC = {"static_core": CORE, "capacity": 128, "buffer_capacity": 256}
@@ -141,17 +142,7 @@ def test_each_tensor_parallel_rank_scores_the_full_heads_rows(monkeypatch, targe
     """TP = 2: each rank's lm head holds half of the vocabulary's rows; global ids must not index the shard."""
     import vllm.distributed
 
-    barrier, parts = threading.Barrier(2, timeout=60), {}
-
-    def all_reduce_of(rank):
-        def reduce(local):
-            parts[rank] = local
-            barrier.wait()
-            total = parts[0] + parts[1]
-            barrier.wait()
-            return total
-        return reduce
-
+    all_reduce = LockstepAllReduce(2)
     ranks = {threading.get_ident(): None}
     monkeypatch.setattr(vllm.distributed, "tensor_model_parallel_all_reduce",
                         lambda local: ranks[threading.get_ident()](local))
@@ -165,12 +156,12 @@ def test_each_tensor_parallel_rank_scores_the_full_heads_rows(monkeypatch, targe
     errors = []
 
     def rank_run(rank):
-        ranks[threading.get_ident()] = all_reduce_of(rank)
+        ranks[threading.get_ident()] = all_reduce.of(rank)
         try:
             run_scenario(models[rank], target_head, asynchronous=False, steps=3)
         except BaseException as error:  # noqa: BLE001 - reported below
             errors.append((rank, error))
-            barrier.abort()
+            all_reduce.abort()
 
     threads = [threading.Thread(target=rank_run, args=(rank,)) for rank in (0, 1)]
     for thread in threads:

@@ -16,9 +16,12 @@ if str(REPO) not in sys.path:
 VOCAB = 4096
 
 
-def build_target(folder: Path, *, constant: bool = False, peak: float = 1.0, tokenizer: bool = False):
-    """constant: every logit 0 (the greedy choice is always id 0); peak: the lm head scaled (a low-entropy target,
-    for sampling checks)."""
+def build_target(folder: Path, *, constant: bool = False, peak: float = 1.0, one_column: list[int] | None = None,
+                 tokenizer: bool = False):
+    """constant: every logit 0 (the greedy choice is always id 0); peak: the lm head scaled; one_column: the lm head
+    reads hidden dimension 0 only, on these ids (weights -peak..peak), so every other id has logit 0: a head sharing
+    this lm head puts its mass on the same ids, at either end depending on the sign of its own dimension 0 (drafts
+    are often, not always, accepted: the sampling checks)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -31,6 +34,9 @@ def build_target(folder: Path, *, constant: bool = False, peak: float = 1.0, tok
         if constant:
             torch.nn.init.zeros_(model.lm_head.weight)
         model.lm_head.weight.mul_(peak)
+        if one_column is not None:
+            torch.nn.init.zeros_(model.lm_head.weight)
+            model.lm_head.weight[one_column, 0] = torch.linspace(-peak, peak, len(one_column))
     model.save_pretrained(folder)
     if tokenizer:
         word_tokenizer().save_pretrained(folder)
