@@ -69,7 +69,7 @@ def test_a_request_over_capacity_falls_back_to_the_full_vocabulary(weight):
     hidden = torch.randn(2, H)
     logits = vocab.logits(hidden, ["a", "big"], full_logits(weight))
     assert allowed(logits) == [{0, 1, 2}, set(range(V))]
-    assert torch.allclose(logits[1], hidden[1] @ weight.T)
+    assert torch.allclose(logits[1], hidden[1] @ weight.T, atol=1e-5)  # one product vs a batched one: rounding
     assert vocab.stats.full_rows == 1 and vocab.contains("big", 49)
 
 

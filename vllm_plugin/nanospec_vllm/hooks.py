@@ -35,6 +35,8 @@ Model Runner V2 (vllm.v1.worker.gpu.model_runner.GPUModelRunner; the V2 CPU runn
 The draft model (Eagle3LlamaForCausalLM): `compute_logits(hidden_states)` and `get_top_tokens(hidden_states)`
 overridden; `lm_head` (`.weight`, vocab-parallel `.tp_size`, `.shard_indices.org_vocab_start_index / _end_index`,
 `.quant_method`), `logits_processor` (`.scale`, `.soft_cap`), `draft_id_to_target_id` read.
+The CPU platform (cpu_expand.py): `Platform.register_triton_kernel_overrides` wrapped, `expand_batch_to_tokens` and
+the kernel name `vllm.v1.sample.rejection_sampler.expand_kernel` (through `register_kernels`, vLLM's own interface).
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import math
 import pytest
 
 pytest.importorskip("vllm")
-from tiny_models import VOCAB, build_target, export_head, phase  # noqa: E402
+from tiny_models import VOCAB, build_target, export_head, flatten_draft, phase  # noqa: E402
 
 CORE = list(range(64))
 MAX_TOKENS = [24, 40, 16, 32, 40, 20]
@@ -123,7 +123,8 @@ def test_committed_ids_join_the_set_at_the_next_step(tiny):
 def test_sampled_output_keeps_the_targets_distribution(tiny):
     """Temperature 1, drafts sampled from the restricted q: rejection sampling must leave the target's distribution.
     A target whose mass sits on the core ids (its lm head reads one hidden dimension there, tiny_models.build_target)
-    and a head sharing that lm head, so drafts are accepted often but not always; one prompt, 192 samples of 3
+    and a head sharing that lm head with that dimension zeroed (q uniform over each request's set: drafts accepted
+    often, not always, tiny_models.flatten_draft); one prompt, 192 samples of 3
     tokens: the second and third tokens (the positions drafts can fill) against the target's exact conditionals
     (transformers, outside vLLM), by a chi-square test (p > 0.001), and the prefill token as a control."""
     import torch
@@ -131,6 +132,7 @@ def test_sampled_output_keeps_the_targets_distribution(tiny):
     root = tiny["root"]
     peaked = build_target(root / "peaked", peak=12.0, one_column=CORE)
     export_head(peaked, root / "peaked_head", {"static_core": CORE}, own_lm_head=False, tied_lm_head=True)
+    flatten_draft(root / "peaked_head")
     prompt, samples = tiny["prompts"][0], 192
     result = run(tiny, "sampled", "peaked_head", model="peaked", prompts=[prompt] * samples, batch=samples,
                  max_num_seqs=64, max_tokens=3, temperature=1.0, draft_sample_method="probabilistic", seed=7)

@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
-from tiny_models import build_target, engine_env, export_head  # noqa: E402
+from tiny_models import build_target, engine_env, export_head, word_tokenizer  # noqa: E402
 
 PROMPTS = ["t150 t233 t407 t150 t980 t233 t1204 t61", "t3000 t3001 t3999 t2500 t3000", "t777 t778 t779 t780 t777"]
 MAX_TOKENS = 24
@@ -34,9 +34,10 @@ def free_port() -> int:
 class Server:
     """`vllm serve` in a subprocess (its log in a file), ready once /health answers."""
 
-    def __init__(self, model: Path, log: Path, speculative: dict | None):
+    def __init__(self, model: Path, tokenizer: Path, log: Path, speculative: dict | None):
         self.port, self.log = free_port(), log
-        command = [sys.executable, "-m", SERVER, "--model", str(model), "--host", "127.0.0.1",
+        command = [sys.executable, "-m", SERVER, "--model", str(model), "--tokenizer", str(tokenizer),
+                   "--host", "127.0.0.1",
                    "--port", str(self.port), "--served-model-name", "tiny", "--dtype", "float32",
                    "--max-model-len", "256", "--max-num-seqs", "4", "--enforce-eager", "--seed", "0"]
         if speculative:
@@ -96,13 +97,14 @@ def complete(server: Server) -> dict:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
-    target = build_target(root / "target", tokenizer=True)
+    target = build_target(root / "target")
+    tokenizer = word_tokenizer(root / "tokenizer")
     export_head(target, root / "nanospec", {"static_core": list(range(64)), "log_every": 4}, own_lm_head=False,
                 tied_lm_head=True)
     results = {}
     for name, speculative in (("plain", None), ("nanospec", {"method": "eagle3", "model": str(root / "nanospec"),
                                                              "num_speculative_tokens": 3})):
-        with Server(root / "target", root / f"{name}.log", speculative) as server:
+        with Server(root / "target", tokenizer, root / f"{name}.log", speculative) as server:
             results[name] = complete(server)
             results[name + "_drafts"] = server.metric("vllm:spec_decode_num_drafts")
         results[name + "_log"] = (root / f"{name}.log").read_text()

@@ -16,8 +16,7 @@ if str(REPO) not in sys.path:
 VOCAB = 4096
 
 
-def build_target(folder: Path, *, constant: bool = False, peak: float = 1.0, one_column: list[int] | None = None,
-                 tokenizer: bool = False):
+def build_target(folder: Path, *, constant: bool = False, peak: float = 1.0, one_column: list[int] | None = None):
     """constant: every logit 0 (the greedy choice is always id 0); peak: the lm head scaled; one_column: the lm head
     reads hidden dimension 0 only, on these ids (weights -peak..peak), so every other id has logit 0: a head sharing
     this lm head puts its mass on the same ids, at either end depending on the sign of its own dimension 0 (drafts
@@ -38,13 +37,13 @@ def build_target(folder: Path, *, constant: bool = False, peak: float = 1.0, one
             torch.nn.init.zeros_(model.lm_head.weight)
             model.lm_head.weight[one_column, 0] = torch.linspace(-peak, peak, len(one_column))
     model.save_pretrained(folder)
-    if tokenizer:
-        word_tokenizer().save_pretrained(folder)
     return model
 
 
-def word_tokenizer():
-    """Token i is the word "t<i>" (0, 1, 2: pad, bos, eos): text and ids map one to one."""
+def word_tokenizer(folder: Path) -> Path:
+    """Token i is the word "t<i>" (0, 1, 2: pad, bos, eos): text and ids map one to one. Saved in a folder of its own
+    (the server's --tokenizer): beside a config.json of model_type qwen2, AutoTokenizer would load Qwen2Tokenizer,
+    which rebuilds a byte-level BPE and encodes every prompt to no ids at all."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -52,7 +51,9 @@ def word_tokenizer():
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>").save_pretrained(folder)
+    return folder
 
 
 def export_head(target, folder: Path, nanospec: dict | None, *, own_lm_head: bool = True, seed: int = 1, **options):
@@ -72,6 +73,18 @@ def export_head(target, folder: Path, nanospec: dict | None, *, own_lm_head: boo
         tensors.pop("lm_head.weight")
         save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return head
+
+
+def flatten_draft(folder: Path) -> None:
+    """Zero the head's final norm at hidden dimension 0: with a one-column lm head (build_target) every draft logit
+    is then 0, so q is uniform over the request's set (core, prompt, committed ids) and a draft is accepted with
+    probability sum_i min(p_i, q_i): often, never always; a rejected one is replaced from (p - q)+, which differs
+    from p wherever q is large, so a q that is not the one the draft was sampled from shows in the output."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["norm.weight"][0] = 0.0
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def engine_env(**extra) -> dict:
