@@ -1,4 +1,6 @@
 """serve-bench's report (nanospec_core/bench/serve.py), from phase results as nanospec_vllm.phase writes them."""
+from pathlib import Path
+
 import pytest
 
 from nanospec_core.bench.serve import first_difference, summarise, vllm_python
@@ -36,3 +38,23 @@ def test_first_difference_counts_a_shorter_output():
 def test_a_missing_vllm_environment_is_a_clear_error(tmp_path):
     with pytest.raises(NanoSpecError, match="scripts/vllm_venv.sh"):
         vllm_python(str(tmp_path / "nope" / "python"))
+
+
+def test_a_phase_decodes_batch_1_on_the_first_prompts_and_larger_batches_in_waves(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "vllm_plugin"))
+    from nanospec_vllm.phase import measure
+
+    calls = []
+
+    def decode(batch):  # vLLM's generate: one output per prompt, in order
+        calls.append([k for k, _ in batch])
+        return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=[k, k], logprobs=None)]) for k, _ in batch]
+
+    inputs = [(k, f"prompt {k}") for k in range(10)]
+    one = measure(None, decode, inputs, 1, speculative=False, batch1_prompts=3)
+    assert calls == [[0], [1], [2]] and one["outputs"] == [[0, 0], [1, 1], [2, 2]] and one["new_tokens"] == 6
+    calls.clear()
+    four = measure(None, decode, inputs, 4, speculative=False, batch1_prompts=3)
+    assert calls == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]] and four["outputs"] == [[k, k] for k in range(10)]

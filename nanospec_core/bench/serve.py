@@ -1,5 +1,5 @@
 """serve-bench: the embedded target served by vLLM without speculation, with vLLM's own EAGLE-3, and with EAGLE-3 +
-NanoSpec (the plugin in vllm_plugin/), at batch 1 and batch 8.
+NanoSpec (the plugin in vllm_plugin/), at batch 1, 8 or any other.
 
     python -m nanospec_core serve-bench --prompts 16 --max-new-tokens 128 --out bench_out/serve
 
@@ -8,8 +8,9 @@ command prepares the inputs here and starts one process per configuration there 
   1. the target's HF-format folder (the project's model cache) and the head exported twice, in the public EAGLE-3
      layout (vLLM's own `LlamaForCausalLMEagle3`) and under the plugin's architecture with its static core;
   2. Spec-Bench first turns (round-robin over categories) as chat messages, templated by vLLM;
-  3. per configuration one engine: a warm-up prompt, then the prompts one at a time (batch 1), then all of them with
-     8 in flight (batch 8), greedy (a finished configuration's results are kept: rerun to resume).
+  3. per configuration one engine: a warm-up prompt, then the prompts one at a time (batch 1; --batch1-prompts
+     takes the first n only), then in waves of b for each larger batch b, greedy (a finished configuration's
+     results are kept: rerun to resume).
 Reported per batch: tokens/s (and the ratio to no speculation), vLLM's acceptance length (1 + accepted / drafts: the
 bonus token counts, as in the rest of the project), the plugin's active-set size and lm-head rows scored per step,
 outputs equal to no speculation and, where one differs, the target's top-2 logit margin at the first difference
@@ -95,7 +96,7 @@ def summarise(results: dict[tuple[str, int], dict]) -> list[dict]:
         margins = [plain["margins"][k][d] for k, d in enumerate(diffs)
                    if d is not None and "margins" in plain and d < len(plain["margins"][k])]
         nano = (result.get("nanospec") or [{}])[0]
-        rows.append({"config": config, "batch": batch, "tokens_per_s": result["tokens_per_s"],
+        rows.append({"config": config, "batch": batch, "prompts": len(result["outputs"]), "tokens_per_s": result["tokens_per_s"],
                      "vs_plain": result["tokens_per_s"] / plain["tokens_per_s"],
                      "acceptance_length": result.get("spec", {}).get("acceptance_length"),
                      "avg_active": nano.get("avg_active"), "rows_scored": nano.get("avg_scored_rows"),
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     for config in CONFIGS:  # one engine per configuration, measured at every batch size
         spec = {"model": model_dir, "draft": str(heads[config]) if config != "plain" else None,
                 "num_speculative_tokens": args.num_speculative_tokens, "dtype": "bfloat16", "max_model_len": 2048,
-                "batches": batches, "chats": chats, "max_tokens": args.max_new_tokens, "temperature": 0.0,
+                "batches": batches, "batch1_prompts": args.batch1_prompts, "chats": chats, "max_tokens": args.max_new_tokens, "temperature": 0.0,
                 "eager": args.eager, "warmup": 1, "logprobs": 2}  # every configuration pays the same for them
         print(f"[{time.time() - started:6.0f} s] {config}", file=sys.stderr, flush=True)
         for batch, result in run_phase(python, spec, out, config).items():
@@ -144,7 +145,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--questions", default=str(DEFAULT_QUESTIONS))
     parser.add_argument("--prompts", type=int, default=16, help="Spec-Bench prompts, round-robin over categories")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--batches", default="1,8", help="requests in flight per phase, comma-separated")
+    parser.add_argument("--batches", default="1,8", help="requests in flight per phase, comma-separated (b > 1: "
+                        "the prompts in waves of b)")
+    parser.add_argument("--batch1-prompts", type=int, default=None,
+                        help="batch 1 decodes only the first n prompts (default all): one request at a time is slow")
     parser.add_argument("--num-speculative-tokens", type=int, default=3, help="vLLM's EAGLE draft chain length")
     parser.add_argument("--static-core", type=int, default=1024, help="most frequent ids in every request's set")
     parser.add_argument("--capacity", type=int, default=8192, help="a request's active-set bound")

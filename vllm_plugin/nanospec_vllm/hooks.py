@@ -194,23 +194,28 @@ def v1_begin(runner, scheduler_output, sampled_token_ids) -> object | None:
 
 
 def _install_v1(classes: dict) -> None:
-    def propose(original):
+    propose = _around(lambda self, bound: v1_begin(self, bound["scheduler_output"], bound["sampled_token_ids"]))
+    _wrap(classes["runner"], "propose_draft_token_ids", propose)
+    _wrap(classes["runner"], "reload_weights", _after(lambda self: draft_model(self), "nanospec_weights_changed"))
+    _wrap(classes["proposer"], "load_model", _after(lambda self: _unwrap(getattr(self, "model", None)),
+                                                    "nanospec_build"))
+
+
+def _around(begin):
+    """A wrapper that opens a draft step with begin(self, bound arguments) -> Restriction | None before the original
+    and ends it after, however the original exits."""
+    def make(original):
         arguments = _arguments(original)
 
-        def propose_draft_token_ids(self, *args, **kwargs):
-            bound = arguments(self, *args, **kwargs)
-            restriction = v1_begin(self, bound["scheduler_output"], bound["sampled_token_ids"])
+        def wrapper(self, *args, **kwargs):
+            restriction = begin(self, arguments(self, *args, **kwargs))
             try:
                 return original(self, *args, **kwargs)
             finally:
                 if restriction is not None:
                     restriction.end_step()
-        return propose_draft_token_ids
-
-    _wrap(classes["runner"], "propose_draft_token_ids", propose)
-    _wrap(classes["runner"], "reload_weights", _after(lambda self: draft_model(self), "nanospec_weights_changed"))
-    _wrap(classes["proposer"], "load_model", _after(lambda self: _unwrap(getattr(self, "model", None)),
-                                                    "nanospec_build"))
+        return wrapper
+    return make
 
 
 def _after(model_of, method: str):
@@ -276,19 +281,8 @@ def _install_v2(classes: dict) -> None:
             return wrapper
         return make
 
-    def propose(original):
-        arguments = _arguments(original)
-
-        def wrapper(self, *args, **kwargs):
-            bound = arguments(self, *args, **kwargs)
-            restriction = v2_begin(self, bound["input_batch"], bound.get("dummy_run", False),
-                                   bound.get("num_speculative_tokens"))
-            try:
-                return original(self, *args, **kwargs)
-            finally:
-                if restriction is not None:
-                    restriction.end_step()
-        return wrapper
+    propose = _around(lambda self, bound: v2_begin(self, bound["input_batch"], bound.get("dummy_run", False),
+                                                   bound.get("num_speculative_tokens")))
 
     def sample_draft(original):
         arguments = _arguments(original)

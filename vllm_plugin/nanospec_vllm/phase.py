@@ -5,8 +5,9 @@
 Each phase runs in its own process (the benchmark and the tests start one per configuration), so engines never share
 a process and a crash in one configuration cannot spoil another's figures. spec.json:
   model, draft (folder or null), num_speculative_tokens, dtype, max_model_len, batches (requests in flight, one
-  measurement each; 1 decodes the prompts one after another), max_num_seqs (default: the largest batch; smaller
-  makes requests join as others finish), prompts (token-id lists) or chats (message lists, templated by vLLM),
+  measurement each; 1 decodes the prompts one after another, b > 1 submits them in waves of b), batch1_prompts
+  (batch 1 decodes only the first n: the slow, latency-bound case), max_num_seqs (default: the largest batch;
+  smaller makes requests join as others finish), prompts (token-id lists) or chats (message lists, templated by vLLM),
   max_tokens (one for all, or one per prompt: requests leave at different steps), temperature, seed, eager,
   draft_sample_method, warmup (prompts decoded first), logprobs (2: also report each position's top-2 logit
   margin, to judge differences between configurations)
@@ -92,11 +93,13 @@ def run(spec: dict) -> dict:
 
     for prompt in inputs[:spec.get("warmup", 0)]:  # first-call costs (allocations, kernels) before the clock
         decode([prompt])
-    return {str(batch): measure(llm, decode, inputs, batch, speculative is not None) for batch in spec["batches"]}
+    return {str(batch): measure(llm, decode, inputs, batch, speculative is not None, spec.get("batch1_prompts"))
+            for batch in spec["batches"]}
 
 
-def measure(llm, decode, inputs: list, batch: int, speculative: bool) -> dict:
-    """Decode every input with `batch` requests in flight (1: one after another) and read the counters."""
+def measure(llm, decode, inputs: list, batch: int, speculative: bool, batch1_prompts: int | None = None) -> dict:
+    """Decode the inputs with `batch` requests in flight (1: the first `batch1_prompts` one after another) and read
+    the counters."""
     from .hooks import worker_reset, worker_stats
 
     before = spec_counters(llm) if speculative else {}
@@ -104,9 +107,10 @@ def measure(llm, decode, inputs: list, batch: int, speculative: bool) -> dict:
         llm.collective_rpc(worker_reset)
     started = time.perf_counter()
     if batch <= 1:  # one request at a time: the latency-bound case
-        outputs = [decode([prompt])[0] for prompt in inputs]
-    else:  # all submitted; the engine keeps max_num_seqs (the largest batch asked for) in flight
-        outputs = decode(inputs)
+        outputs = [decode([prompt])[0] for prompt in inputs[:batch1_prompts or len(inputs)]]
+    else:  # waves of `batch` submitted together (max_num_seqs is the largest batch: a smaller one fills it only
+        # in waves); a wave's requests leave as they finish
+        outputs = [output for start in range(0, len(inputs), batch) for output in decode(inputs[start:start + batch])]
     wall = time.perf_counter() - started
     token_ids = [list(output.outputs[0].token_ids) for output in outputs]
     new_tokens = sum(map(len, token_ids))
