@@ -210,3 +210,27 @@ def test_every_shipped_head_card_says_what_each_stage_may_have_seen():
         stages = [s for s in stages if not s.startswith("s (")]  # the stages table's own heading
         assert stages and all("Sources and the records this stage may have seen" in s for s in stages), card
         assert all("8,000" in s for s in stages), card  # and where ShareGPT's evaluation range starts
+
+
+def test_calibration_prompts_come_from_allowed_records_no_head_trained_on():
+    """acceptance.json ships with the head: its prompts come from records below 8,000, and no record with the same
+    first turn was trained on (found again here from the raw file, apart from calibrate's own filter)."""
+    import re
+
+    from nanospec_core.training.calibrate import TRAINING_DRAWS, calibration_prompts
+    from nanospec_core.training.data import iter_sharegpt, sample_conversations, to_messages
+
+    prompts = calibration_prompts(16, corpus=EMBEDDED)
+    assert len(prompts) == 16
+    position = {}
+    for n, rec in enumerate(iter_sharegpt()):
+        messages = to_messages(rec)
+        if messages is not None:
+            position.setdefault(messages[0]["content"], []).append((n, re.sub(r"_[0-9]+$", "", rec["id"])))
+    trained = {meta["base"] for meta in corpus.read_manifest(EMBEDDED) if meta["split"] == "train"}
+    drawn = {re.sub(r"_[0-9]+$", "", key) for count, seed, pool in TRAINING_DRAWS
+             for key, _ in sample_conversations(count, skip_ids=set(), seed=seed, pool=pool)}
+    for prompt in prompts:
+        places = position[prompt]  # every record with this first turn: one below 8,000, none trained on
+        assert any(n < SHAREGPT_EVAL_FROM for n, _ in places), places
+        assert not any(f"sharegpt:{base}" in trained or base in drawn for _, base in places), places

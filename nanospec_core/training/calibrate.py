@@ -9,16 +9,17 @@ level r-1 output, with the drafting visibility). ranks[p][d-1] = rank of the tar
 head's depth-d logits (0 = its first guess), capped at RANK_CAP. decoding/tree_choice.py turns these into expected
 tokens per round for any tree.
 
-Prompts: ShareGPT first user turns from the evaluation range (records from 8,000 on, which no training draw of
-ours uses), with the EAGLE-2 head's draws that reached into it excluded, so none was trained on. Never Spec-Bench.
-(The shipped acceptance.json files name their command; those written before stage 2 of the EAGLE-3 head drew from
-the first 8,000 records, excluding the training draws of the time.)
+Prompts: ShareGPT first user turns from the allowed range (records below 8,000) whose conversation no head trained
+on (calibration_prompts). Never Spec-Bench, never the evaluation range: acceptance.json ships with the head. (The
+shipped acceptance.json files name their command; stage 2's was measured on evaluation-range records, before this
+rule; stage 3's and later on allowed ones.)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,17 +31,26 @@ RANK_CAP = 16  # ranks at or past this are stored as RANK_CAP (no tree is that w
 TRAINING_DRAWS = ((300, 0, 12000), (1400, 0, 12000), (2400, 0, 8000), (1200, 1, 8000))
 
 
-def calibration_prompts(count: int, seed: int = 1) -> list[str]:
-    """First turns no head trained on, from ShareGPT's evaluation range (records from SHAREGPT_EVAL_FROM on): the
-    training range is used up by the heads' draws (EAGLE-3 stage 2 took every conversation stage 1 had not drawn).
-    Calibration measures acceptance; it trains nothing. The EAGLE-2 head's draws, which reached into that range
-    (pool 12,000), are excluded too."""
+def calibration_prompts(count: int, seed: int = 1, corpus: Path | None = None) -> list[str]:
+    """First turns of ShareGPT records below SHAREGPT_EVAL_FROM that no head trained on: every draw in
+    TRAINING_DRAWS and every conversation in the committed corpus (`corpus`: data/head/<model>, by base id, any
+    split) are left out. acceptance.json ships with the head and steers the tree chooser, so it is built from
+    allowed records only, like the head and the frequency table; the evaluation range stays for evaluation."""
+    from .corpus import read_manifest
     from .data import SHAREGPT_EVAL_FROM, sample_conversations
+    from .split import base_of, norm_hash
 
-    trained = {key for count, draw_seed, pool in TRAINING_DRAWS
-               for key, _ in sample_conversations(count, skip_ids=set(), seed=draw_seed, pool=pool)}
-    chosen = sample_conversations(count, skip_ids=trained, seed=seed, pool=None, start=SHAREGPT_EVAL_FROM)
-    return [messages[0]["content"] for _, messages in chosen]
+    drawn = [(key, messages) for count, draw_seed, pool in TRAINING_DRAWS
+             for key, messages in sample_conversations(count, skip_ids=set(), seed=draw_seed, pool=pool)]
+    manifest = read_manifest(corpus) if corpus and Path(corpus).is_dir() else []
+    used = {line["base"] for line in manifest} | {base_of("sharegpt", key) for key, _ in drawn}
+    # the same first turn under another id ("hi", a pasted template) counts as seen
+    seen = {line["norm"] for line in manifest} | {norm_hash(messages[0]["content"]) for _, messages in drawn}
+    candidates = sample_conversations(8 * count, skip_ids={key for key, _ in drawn}, seed=seed,
+                                      pool=SHAREGPT_EVAL_FROM)
+    chosen = [messages for key, messages in candidates
+              if base_of("sharegpt", key) not in used and norm_hash(messages[0]["content"]) not in seen][:count]
+    return [messages[0]["content"] for messages in chosen]
 
 
 @torch.inference_mode()
@@ -81,7 +91,7 @@ def head_ranks(target, head, ids: torch.Tensor, answer_start: int, depth: int) -
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompts", type=int, default=24, help="ShareGPT first turns (never trained on)")
+    parser.add_argument("--prompts", type=int, default=24, help="ShareGPT first turns below record 8,000 that no head trained on")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="greedy answer length per prompt")
     parser.add_argument("--depth", type=int, default=8, help="draft levels measured")
     parser.add_argument("--out", default=None, help="head folder to write acceptance.json into (default: the head's)")
@@ -89,13 +99,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     import sys
-    from pathlib import Path
 
     from tqdm.auto import tqdm
 
     from ..config import GenerationConfig
     from ..decoding.tree_choice import save_acceptance
-    from ..paths import shipped_head_dir
+    from ..paths import head_data, shipped_head_dir
     from ..session import Session
 
     session = Session(args.model, dtype=args.dtype, device=args.device, head=args.head)
@@ -104,7 +113,8 @@ def run(args) -> int:
     started = time.time()
     parts = []
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens)
-    prompts = [ids for ids in map(session.encode, calibration_prompts(2 * args.prompts))
+    allowed = calibration_prompts(2 * args.prompts, corpus=head_data(session.loaded.key))
+    prompts = [ids for ids in map(session.encode, allowed)
                if ids.numel() <= MAX_PROMPT_TOKENS][:args.prompts]
     for prompt_ids in tqdm(prompts, desc="calibrate", unit="prompt"):
         answer = session.run("nanospec", prompt_ids, gen).token_ids  # greedy: the target's own answer
@@ -113,7 +123,8 @@ def run(args) -> int:
     ranks = np.concatenate(parts)
     info = {"command": "python -m nanospec_core calibrate-head " + " ".join(sys.argv[2:]),
             "dtype": session.runtime.dtype, "machine": session.runtime.machine, "prompts": len(prompts),
-            "max_new_tokens": args.max_new_tokens, "rank_cap": RANK_CAP, "wall_s": round(time.time() - started)}
+            "max_new_tokens": args.max_new_tokens, "rank_cap": RANK_CAP,
+            "source": "ShareGPT first turns, records below 8,000 that no head trained on", "wall_s": round(time.time() - started)}
     path = save_acceptance(out, ranks, info)
     summary = json.loads(path.read_text())["summary"]
     print(f"{path}: {ranks.shape[0]} positions, depth {ranks.shape[1]}; top-1 per depth given the chain: "
