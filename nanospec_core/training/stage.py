@@ -83,6 +83,14 @@ def held_out_items(corpus: list[dict], held, answer_tokens: int,
     return items
 
 
+def shown(path: Path) -> str:
+    """A path as the card shows it: relative to the repository when inside it (cards travel with the repository)."""
+    from ..paths import REPO
+
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def mixed_order(items: list, seed: int) -> list:
     items = list(items)
     random.Random(seed).shuffle(items)
@@ -189,8 +197,9 @@ def run(args: argparse.Namespace) -> dict:
     compute = runtime.torch_dtype if args.train_dtype == "auto" else getattr(torch, args.train_dtype)
     info = {"model": loaded.key, "kind": args.kind, "target_dtype": dtype, "machine": runtime.machine,
             "train_dtype": str(compute).removeprefix("torch."),
-            "corpus": str(folder), "data": data, "levels": args.levels, "init": args.init,
-            "train_sequences": len(train_seqs), "train_scored_tokens": n_tokens,
+            "corpus": shown(folder), "data": data, "levels": args.levels, "init": args.init,
+            "train_sequences": len(train_seqs), "committed_train_items": len(train_items),
+            "train_scored_tokens": n_tokens,
             "loss_weights": {"feature": feature_weight, "cross_entropy": cls_weight},
             "command": "python -m nanospec_core train-head " + " ".join(sys.argv[2:])}
 
@@ -214,7 +223,7 @@ def run(args: argparse.Namespace) -> dict:
     before = score_all(load_head(args.init, target)) if args.init else None
     info.update({"steps": state["step"], "tokens_seen": state["tokens"], "train_wall_s": round(state["train_s"]),
                  "total_wall_s": round(time.time() - begin), "heldout": mine, "heldout_init": before,
-                 "heldout_list": f"{folder / 'heldout.json'} ({len(held.items)} items; scored: the first "
+                 "heldout_list": f"{shown(folder / 'heldout.json')} ({len(held.items)} items; scored: the first "
                                  f"{args.heldout_answer_tokens} answer tokens of each)"})
     ships = before is None or beats(mine[dtype]["all"], before[dtype]["all"])
     log(f"held-out ({dtype}): this stage {mine[dtype]['all']}, init {before and before[dtype]['all']}: "
