@@ -96,7 +96,8 @@ def summarise(results: dict[tuple[str, int], dict]) -> list[dict]:
         margins = [plain["margins"][k][d] for k, d in enumerate(diffs)
                    if d is not None and "margins" in plain and d < len(plain["margins"][k])]
         nano = (result.get("nanospec") or [{}])[0]
-        rows.append({"config": config, "batch": batch, "prompts": len(result["outputs"]), "tokens_per_s": result["tokens_per_s"],
+        rows.append({"config": config, "batch": batch, "prompts": len(result["outputs"]),
+                     "tokens_per_s": result["tokens_per_s"],
                      "vs_plain": result["tokens_per_s"] / plain["tokens_per_s"],
                      "acceptance_length": result.get("spec", {}).get("acceptance_length"),
                      "avg_active": nano.get("avg_active"), "rows_scored": nano.get("avg_scored_rows"),
@@ -121,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
     for config in CONFIGS:  # one engine per configuration, measured at every batch size
         spec = {"model": model_dir, "draft": str(heads[config]) if config != "plain" else None,
                 "num_speculative_tokens": args.num_speculative_tokens, "dtype": "bfloat16", "max_model_len": 2048,
-                "batches": batches, "batch1_prompts": args.batch1_prompts, "chats": chats, "max_tokens": args.max_new_tokens, "temperature": 0.0,
+                "batches": batches, "batch1_prompts": args.batch1_prompts, "chats": chats,
+                "max_tokens": args.max_new_tokens, "temperature": 0.0,
                 "eager": args.eager, "warmup": 1, "logprobs": 2}  # every configuration pays the same for them
         print(f"[{time.time() - started:6.0f} s] {config}", file=sys.stderr, flush=True)
         for batch, result in run_phase(python, spec, out, config).items():

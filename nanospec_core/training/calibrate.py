@@ -91,7 +91,8 @@ def head_ranks(target, head, ids: torch.Tensor, answer_start: int, depth: int) -
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompts", type=int, default=24, help="ShareGPT first turns below record 8,000 that no head trained on")
+    parser.add_argument("--prompts", type=int, default=24,
+                        help="ShareGPT first turns below record 8,000 that no head trained on")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="greedy answer length per prompt")
     parser.add_argument("--depth", type=int, default=8, help="draft levels measured")
     parser.add_argument("--out", default=None, help="head folder to write acceptance.json into (default: the head's)")
@@ -124,7 +125,8 @@ def run(args) -> int:
     info = {"command": "python -m nanospec_core calibrate-head " + " ".join(sys.argv[2:]),
             "dtype": session.runtime.dtype, "machine": session.runtime.machine, "prompts": len(prompts),
             "max_new_tokens": args.max_new_tokens, "rank_cap": RANK_CAP,
-            "source": "ShareGPT first turns, records below 8,000 that no head trained on", "wall_s": round(time.time() - started)}
+            "source": "ShareGPT first turns, records below 8,000 that no head trained on",
+            "wall_s": round(time.time() - started)}
     path = save_acceptance(out, ranks, info)
     summary = json.loads(path.read_text())["summary"]
     print(f"{path}: {ranks.shape[0]} positions, depth {ranks.shape[1]}; top-1 per depth given the chain: "
