@@ -101,11 +101,55 @@ def test_unrolled_levels_equal_drafting_one_chain_at_a_time(target, sequences):
                 assert torch.allclose(preds[level][j], step[0], atol=1e-5), (j, level)
 
 
+@pytest.mark.parametrize("kind", ["eagle2", "eagle3"])
+def test_unrolling_only_some_chains_equals_the_full_pass(target, sequences, kind):
+    """Chains from an index on, with gaps: the rows before the first are context (keys and values only), deeper
+    levels unroll only the chains asked for; every prediction equals the full pass's row of that chain."""
+    head = random_head(target, kind, seed=4).float()
+    seq = sequences[4]
+    ids, T = seq["ids"], seq["ids"].shape[0]
+    width = 3 * target.hidden_size if kind == "eagle3" else target.hidden_size
+    features = torch.randn(T - 1, width, generator=torch.Generator().manual_seed(1))
+    chains = torch.tensor([20, 21, 25, 26, 27, 40, T - 4, T - 3, T - 2])
+    with torch.no_grad():
+        full = unrolled(head, ids, features, levels=3)
+        some = unrolled(head, ids, features, levels=3, chains=chains)
+    assert [p.shape[0] for p in some] == [9, 8, 7]  # chain j reaches level r when j < T - r
+    for level, (part, whole) in enumerate(zip(some, full), start=1):
+        assert torch.allclose(part, whole[chains[:part.shape[0]]], atol=1e-5), level
+
+
+def test_the_loss_on_answer_chains_equals_the_loss_of_the_full_pass(target, sequences, monkeypatch):
+    """sequence_loss unrolls only the chains with a loss somewhere; loss and gradients equal those of unrolling
+    every chain."""
+    from nanospec_core.training import loss as loss_module
+
+    seq = sequences[4]
+    head = random_head(target, seed=5).float()
+
+    def loss_and_grads():
+        head.zero_grad()
+        value, stats = loss_module.sequence_loss(head, seq, target.lm_head_weight, 64, 0.0,
+                                                 torch.Generator().manual_seed(0), levels=3)
+        value.backward()
+        return value.detach(), stats, [p.grad.clone() for p in head.parameters() if p.grad is not None]
+
+    fast = loss_and_grads()
+    monkeypatch.setattr(loss_module, "scored_chains", lambda mask, levels: torch.arange(mask.shape[0] - 1))
+    slow = loss_and_grads()
+    assert torch.allclose(fast[0], slow[0], atol=1e-6) and fast[1] == slow[1]
+    assert len(fast[2]) == len(slow[2]) > 0
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(fast[2], slow[2]))
+
+
 def test_level_mask_is_causal_prefix_plus_own_chain():
     mask = level_mask(5, 3)  # level 1 wrote 4 entries, level 2 wrote 3, level 3 has 2 rows
     assert mask.shape == (2, 4 + 3 + 2)
     assert mask[0].tolist() == [1, 0, 0, 0] + [1, 0, 0] + [1, 0]
     assert mask[1].tolist() == [1, 1, 0, 0] + [0, 1, 0] + [0, 1]
+    chains = level_mask(6, 3, torch.tensor([1, 2, 4]))  # chain 4 reaches neither level 2 nor 3 (j < 6 - r)
+    assert chains.int().tolist() == [[1, 1, 0, 0, 0] + [1, 0] + [1, 0],
+                                     [1, 1, 1, 0, 0] + [0, 1] + [0, 1]]
 
 
 def test_resume_continues_from_the_checkpointed_step(target, sequences, tmp_path):
@@ -136,3 +180,59 @@ def test_exported_head_loads_and_drafts_finite_hidden_states(target, sequences, 
     assert 0.0 <= metrics["top1"] <= 1.0 and metrics["positions"] > 0
     assert 0.0 <= metrics["top1_level3_given_prev"] <= 1.0
     assert metrics["expected_chain"] <= 3 * metrics["top1"] + 1e-9
+
+
+def test_held_out_counts_equal_scoring_every_chain_of_the_full_pass(target, sequences):
+    """evaluate (only the scored chains unrolled) counts the same hits per level as the full pass scored chain by
+    chain. The text is the head's own level-1 greedy text, so chains live past level 1 and deeper levels score."""
+    head = random_head(target, seed=7).float()
+    seq = dict(sequences[5])
+    features, T = seq["hidden"], seq["ids"].shape[0]
+    ids, top1 = seq["ids"].clone(), seq["topk_ids"].clone()
+    with torch.no_grad():
+        coin = torch.rand(T, 2, generator=torch.Generator().manual_seed(3))
+        for t in range(T // 2, T - 1):  # the answer: the target's token mostly the head's, the text mostly the target's
+            guess = (head.forward(ids[1:t + 1], features[:t], head.new_cache(64))[-1] @ target.lm_head_weight.T)
+            top1[t, 0] = guess.argmax() + (coin[t, 0] > 0.8)
+            ids[t + 1] = top1[t, 0] + (coin[t, 1] > 0.8)
+        seq.update(ids=ids, topk_ids=top1)
+        metrics = evaluate(head, [seq], target.lm_head_weight, levels=3)
+        hits, totals = [0, 0, 0], [0, 0, 0]
+        preds = unrolled(head, ids, features[:-1], levels=3)
+        for j in range(T - 1):
+            for level in (1, 2, 3):
+                follows = level == 1 or ids[j + level] == top1[j + level - 1, 0]
+                if not seq["loss_mask"][j + 1] or j + level >= T or not follows:
+                    break
+                totals[level - 1] += 1
+                if (preds[level - 1][j] @ target.lm_head_weight.T).argmax() != top1[j + level, 0]:
+                    break
+                hits[level - 1] += 1
+    assert metrics["hits"] == hits and metrics["totals"] == totals, (metrics, hits, totals)
+    assert hits[0] > 0 and totals[1] > 0, "the text must let chains reach level 2"
+
+
+def test_calibration_ranks_equal_drafting_each_chain_one_token_at_a_time(target, monkeypatch):
+    """calibrate.head_ranks (chains from the answer on, unrolled together) == each chain drafted alone (ranks
+    uncapped: a random head's would all sit at the cap)."""
+    from nanospec_core.training import calibrate
+
+    monkeypatch.setattr(calibrate, "RANK_CAP", 10 ** 6)
+    head = random_head(target, seed=6).float()
+    ids = torch.randint(3, target.vocab_size, (12,), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for _ in range(16):  # the target's greedy answer: every chain follows the target's tokens
+            out = target.forward(ids, target.new_cache(64))
+            ids = torch.cat([ids, target.logits(out.hidden[-1:]).argmax(-1)])
+        ranks = calibrate.head_ranks(target, head, ids, answer_start=12, depth=3)
+        out = target.forward(ids, target.new_cache(64))
+        greedy, features, weight = target.logits(out.hidden).argmax(-1), out.hidden, head.lm_head_weight
+        assert ranks.shape == (ids.shape[0] - 3 - 1 - 12, 3)
+        for row, j in enumerate(range(12, ids.shape[0] - 4)):
+            cache = head.new_cache(64)
+            pred = head.forward(ids[1:j + 2], features[:j + 1], cache)[-1:]
+            for level in (1, 2, 3):
+                if level > 1:
+                    pred = head.forward(ids[j + level:j + level + 1], pred, cache)
+                logits = head.lm_input(pred)[0] @ weight.T
+                assert ranks[row, level - 1] == int((logits > logits[greedy[j + level]]).sum()), (j, level)

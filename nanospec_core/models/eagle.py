@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import NanoSpecError
-from .target import KVCache, TargetModel, TargetOutput, attention, decoder_layer, visible_mask
+from .target import KVCache, TargetModel, TargetOutput, attention, decoder_layer, visible_mask, write_kv
 
 # Layer-config fields a head checkpoint may set; everything else follows the target's config.
 LAYER_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -115,7 +115,18 @@ class DraftHead(nn.Module):
     def lm_head_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def _inputs(self, ids, features, cache, positions, tree_mask):
+    def write_context(self, ids, features, cache) -> None:
+        """Only the keys and values of n positions (consecutive after the cache's tail), as forward writes them:
+        for positions whose outputs nobody reads, such as a training sequence's prompt (training/loss.unrolled)."""
+        emb, features, cos, sin, _ = self._inputs(ids, features, cache, None, None, with_mask=False)
+        write_kv(self.attn, self._attention_inputs(emb, features)[1], cos, sin, cache, 0)
+        cache.pending += ids.shape[0]
+
+    def _attention_inputs(self, emb, features) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the residual stream [n, H], the attention's input) of one forward."""
+        raise NotImplementedError
+
+    def _inputs(self, ids, features, cache, positions, tree_mask, with_mask: bool = True):
         """Embeddings [n, H], features in the head's dtype, rotary cos/sin [n, d] and the visibility mask."""
         n = ids.shape[0]
         if positions is None:
@@ -126,7 +137,7 @@ class DraftHead(nn.Module):
         with torch.no_grad():  # the target's embeddings stay frozen
             emb = self.target.embed(ids)  # [n, H]
         cos, sin = self.rotary(positions, emb)
-        mask = visible_mask(cache, n, tree_mask, emb.device)
+        mask = visible_mask(cache, n, tree_mask, emb.device) if with_mask else None
         return emb.to(self.dtype), features.to(self.dtype), cos, sin, mask
 
 
@@ -157,12 +168,16 @@ class Eagle2Head(DraftHead):
     def lm_head_weight(self) -> torch.Tensor:
         return self.target.lm_head_weight  # shared with the target: not a parameter of the head, never saved
 
+    def _attention_inputs(self, emb, features):
+        x = self.fc(torch.cat([emb, features], dim=-1))  # [n, H]; the layer has no input norm
+        return x, x
+
     def forward(self, ids, features, cache: KVCache, positions=None, tree_mask=None) -> torch.Tensor:
         """ids [n], features [n, H] -> hidden [n, H] (the next feature; logits = hidden @ lm_head_weight.T)."""
         if features.shape[-1] != self.hidden_size:
             raise ValueError(f"EAGLE-2 features must be [n, {self.hidden_size}], got {tuple(features.shape)}")
         emb, features, cos, sin, mask = self._inputs(ids, features, cache, positions, tree_mask)
-        x = self.fc(torch.cat([emb, features], dim=-1))  # [n, H]
+        x, _ = self._attention_inputs(emb, features)
         x = decoder_layer(self.layers[0], x, cos, sin, cache, 0, mask, skip_input_norm=True)
         cache.pending += ids.shape[0]
         return x
@@ -252,6 +267,14 @@ class Eagle3Head(DraftHead):
     def lm_head_weight(self) -> torch.Tensor:
         return self.target.lm_head_weight if self.tied_lm_head else self.lm_head.weight
 
+    def _attention_inputs(self, emb, features):
+        if features.shape[-1] == self.fc.in_features:
+            features = self.fc(features)  # fuse low / mid / high target layers: [n, 3H] -> [n, H]
+        layer = self.midlayer
+        normed = layer.hidden_norm(features)
+        residual = normed if self.norm_before_residual else features
+        return residual, torch.cat([layer.input_layernorm(emb), normed], dim=-1)  # q/k/v read [n, 2H]
+
     def forward(self, ids, features, cache: KVCache, positions=None, tree_mask=None) -> torch.Tensor:
         """ids [n], features [n, 3H] (target) or [n, H] (own output) -> hidden [n, H], before the final norm."""
         width = features.shape[-1]
@@ -259,12 +282,8 @@ class Eagle3Head(DraftHead):
             raise ValueError(f"EAGLE-3 features must be [n, {self.fc.in_features}] or [n, {self.hidden_size}], "
                              f"got {tuple(features.shape)}")
         emb, features, cos, sin, mask = self._inputs(ids, features, cache, positions, tree_mask)
-        if width == self.fc.in_features:
-            features = self.fc(features)  # fuse low / mid / high target layers: [n, 3H] -> [n, H]
+        residual, qkv_input = self._attention_inputs(emb, features)
         layer = self.midlayer
-        normed = layer.hidden_norm(features)
-        residual = normed if self.norm_before_residual else features
-        qkv_input = torch.cat([layer.input_layernorm(emb), normed], dim=-1)  # [n, 2H]
         x = residual + attention(layer.self_attn, qkv_input, cos, sin, cache, 0, mask)
         x = x + layer.mlp(layer.post_attention_layernorm(x))
         cache.pending += ids.shape[0]

@@ -75,23 +75,31 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 CAUSAL = "causal"  # mask sentinel: new tokens are the whole visible range, each sees itself and earlier ones
 
 
+def write_kv(attn, x: torch.Tensor, cos, sin, cache: KVCache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of n new tokens x [n, H], stored after the pending tail; returns the whole visible range."""
+    n = x.shape[0]
+    k = attn.k_proj(x).view(n, -1, attn.head_dim)  # [n, kv_heads, d]
+    if hasattr(attn, "k_norm"):
+        k = attn.k_norm(k)
+    v = attn.v_proj(x).view(n, -1, attn.head_dim).transpose(0, 1)  # [kv_heads, n, d]
+    k = k.transpose(0, 1)
+    # Rotary embedding: rotate each (x_i, x_{i+d/2}) pair by the position's angle; cos/sin [n, d].
+    k = k * cos + rotate_half(k) * sin
+    return cache.write(layer, k, v, cache.length + cache.pending)
+
+
 def attention(attn, x: torch.Tensor, cos, sin, cache: KVCache, layer: int, mask) -> torch.Tensor:
     """Self-attention of n new tokens over the cache. x [n, H]; mask [n, visible] bool, None (all visible) or CAUSAL.
 
     New entries are appended after the pending tail, so successive draft levels see each other through `mask`.
     """
     n = x.shape[0]
-    head_dim = attn.head_dim
-    q = attn.q_proj(x).view(n, -1, head_dim)  # [n, heads, d]
-    k = attn.k_proj(x).view(n, -1, head_dim)  # [n, kv_heads, d]
+    q = attn.q_proj(x).view(n, -1, attn.head_dim)  # [n, heads, d]
     if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before rotary
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    v = attn.v_proj(x).view(n, -1, head_dim).transpose(0, 1)  # [kv_heads, n, d]
-    q, k = q.transpose(0, 1), k.transpose(0, 1)
-    # Rotary embedding: rotate each (x_i, x_{i+d/2}) pair by the position's angle; cos/sin [n, d].
-    q = q * cos + rotate_half(q) * sin
-    k = k * cos + rotate_half(k) * sin
-    keys, values = cache.write(layer, k, v, cache.length + cache.pending)
+        q = attn.q_norm(q)
+    q = q.transpose(0, 1)
+    q = q * cos + rotate_half(q) * sin  # the same rotary as the keys (write_kv)
+    keys, values = write_kv(attn, x, cos, sin, cache, layer)
     groups = q.shape[0] // keys.shape[0]
     if mask is None or mask is CAUSAL:  # one token seeing everything, or a prefill: no mask tensor to build
         out = F.scaled_dot_product_attention(

@@ -65,16 +65,17 @@ def head_ranks(target, head, ids: torch.Tensor, answer_start: int, depth: int) -
     out = target.forward(ids, target.new_cache(T), aux_layers=head.aux_layers)
     greedy = torch.cat([target.logits(out.hidden[i:i + 256]).argmax(-1) for i in range(0, T, 256)])  # [T]
     features = head.target_features(out)[:-1]
-    preds = unrolled(head, ids, features, depth)  # level r row j predicts the token after position j + r
     start, end = answer_start, T - depth - 1  # chains that start in the answer and fit `depth` levels
     if end <= start:
         return np.zeros((0, depth), dtype=np.int64)
+    # level r row i (chain j = start + i) predicts the token after position j + r
+    preds = unrolled(head, ids, features, depth, torch.arange(start, end))
     rows = end - start
     ranks = torch.zeros(rows, depth, dtype=torch.long)
     follows = torch.ones(rows, dtype=torch.bool)
     weight = head.lm_head_weight
     for level, pred in enumerate(preds, start=1):
-        logits = (head.lm_input(pred[start:end]).to(weight.dtype) @ weight.T).float()  # [rows, Vh]
+        logits = (head.lm_input(pred).to(weight.dtype) @ weight.T).float()  # [rows, Vh]
         truth = greedy[start + level:end + level]
         if head.head_to_target is not None:  # EAGLE-3: target id -> head row (-1: not draftable, rank = cap)
             from ..vocab.policies import _target_to_head

@@ -35,34 +35,56 @@ class GrowingCache:
         return self.keys[layer], self.values[layer]
 
 
-def level_mask(seq_len: int, level: int, device=None) -> torch.Tensor:
+def level_mask(seq_len: int, level: int, chains: torch.Tensor | None = None, device=None) -> torch.Tensor:
     """tree_mask for unrolled draft level `level` (>= 2) of a sequence whose level 1 saw the true features.
 
-    Level 1 wrote seq_len - 1 entries (index j read (x_{j+1}, f_j)); level r wrote seq_len - r entries whose row j
-    continues the chain that started at level-1 index j. At inference a chain drafted from index j sees the
-    verified entries 0..j (true features) and its own earlier levels, nothing else: that is this mask.
-    Returns bool [n, pending + n] with n = seq_len - level, pending = sum over earlier levels.
+    Level 1 wrote seq_len - 1 entries (index j read (x_{j+1}, f_j)); level r wrote one entry per chain of `chains`
+    (sorted level-1 indices, default all) that fits, j < seq_len - r, in the same order. At inference a chain
+    drafted from index j sees the verified entries 0..j (true features) and its own earlier levels, nothing else:
+    that is this mask. Returns bool [n, pending + n], n = the chains that fit level `level`, pending = level 1's
+    seq_len - 1 entries plus the earlier levels' (each level's chains are a prefix of the one before, so a chain's
+    own entries sit on the diagonal of each block).
     """
-    n = seq_len - level
-    rows = torch.arange(n, device=device)[:, None]
+    if chains is None:
+        chains = torch.arange(seq_len - 1, device=device)
+    fits = [int((chains < seq_len - r).sum()) for r in range(2, level + 1)]
+    rows = chains[:fits[-1]][:, None]
     blocks = [torch.arange(seq_len - 1, device=device)[None, :] <= rows]  # level 1: causal prefix 0..j
-    blocks += [torch.eye(n, seq_len - r, dtype=torch.bool, device=device) for r in range(2, level + 1)]  # chain
+    blocks += [torch.eye(fits[-1], n, dtype=torch.bool, device=device) for n in fits]  # the chain's own entries
     return torch.cat(blocks, dim=1)
 
 
-def unrolled(head, ids: torch.Tensor, features: torch.Tensor, levels: int) -> list[torch.Tensor]:
+def unrolled(head, ids: torch.Tensor, features: torch.Tensor, levels: int,
+             chains: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Predicted features per draft level, as the head drafts them: level 1 reads the target's features
-    f_0..f_{T-2} and predicts f_1..f_{T-1}; level r reads its own level r-1 predictions (row j of level r
-    predicts f_{j+r}, tokens teacher-forced). Returns [pred_1 [T-1, H], pred_2 [T-2, H], ...]."""
+    f_0..f_{T-2} and predicts f_1..f_{T-1}; level r reads its own level r-1 predictions (chain j's level r
+    predicts f_{j+r}, tokens teacher-forced).
+
+    chains: the sorted level-1 indices j whose predictions are used (default all). Only those are unrolled, and the
+    rows before the first one are context: the head writes their keys and values and nothing else
+    (head.write_context), because a chain attends to every earlier level-1 entry. On a long-context item (a 2k-token
+    prompt, a few hundred answer tokens) this skips most of the work: the prompt rows' MLP, their attention queries,
+    and their deeper levels, whose masked attention costs seq_len x (r x seq_len) at level r.
+    Returns [pred_1, pred_2, ...]: pred_r [n_r, H], row i the chain chains[i], n_r = the chains with j < T - r.
+    """
     T = ids.shape[0]
+    every = chains is None
+    chains = torch.arange(T - 1, device=ids.device) if every else chains
+    if chains.numel() == 0:
+        return []
     cache = GrowingCache(len(getattr(head, "layers", [None])))
-    preds = [head.forward(ids[1:], features, cache)]
+    first = int(chains[0])
+    if first > 0:
+        head.write_context(ids[1:first + 1], features[:first], cache)  # rows 0..first-1: keys and values only
+    level_1 = head.forward(ids[first + 1:], features[first:], cache)  # rows first..T-2, each sees 0..itself
+    preds = [level_1 if every else level_1[chains - first]]
     for level in range(2, levels + 1):
-        if T - level < 1:
+        n = int((chains < T - level).sum())
+        if n == 0:
             break
-        positions = torch.arange(level - 1, T - 1, device=ids.device)  # row j sits at index j + level - 1
-        preds.append(head.forward(ids[level:], preds[-1][:-1], cache, positions=positions,
-                                  tree_mask=level_mask(T, level, ids.device)))
+        rows = chains[:n]  # chain j sits at index j + level - 1 and reads the token x_{j+level}
+        preds.append(head.forward(ids[rows + level], preds[-1][:n], cache, positions=rows + level - 1,
+                                  tree_mask=level_mask(T, level, chains, ids.device)))
     return preds
 
 
@@ -82,6 +104,15 @@ def predicted_feature(head, pred: torch.Tensor) -> torch.Tensor:
     return head.lm_input(pred) if head.kind == "eagle3" else pred
 
 
+def scored_chains(loss_mask: torch.Tensor, levels: int) -> torch.Tensor:
+    """The level-1 indices j whose chain has a loss at some level: chain j's level r is scored at position j + r."""
+    T = loss_mask.shape[0]
+    used = torch.zeros(T - 1, dtype=torch.bool)
+    for level in range(1, min(levels, T - 1) + 1):
+        used[:T - level] |= loss_mask[level:]
+    return used.nonzero().flatten()
+
+
 def sequence_loss(head, seq: dict, lm_head_weight: torch.Tensor, negatives: int, noise: float,
                   generator: torch.Generator | None = None, cls_weight: float = 0.1, levels: int = 1,
                   level_decay: float = 0.8, feature_weight: float = 1.0):
@@ -90,8 +121,9 @@ def sequence_loss(head, seq: dict, lm_head_weight: torch.Tensor, negatives: int,
     levels > 1 adds unrolled draft levels (EAGLE-3's "training-time test"): level r reads the head's own level r-1
     predictions and is weighted level_decay ** (r - 1). Per level: feature_weight * SmoothL1 + cls_weight * CE
     (EAGLE-2: 1 and 0.1 as in EAGLE; EAGLE-3 trains mainly on the CE, the feature term a small regulariser).
-    Drafting several levels is where a head trained only on true features breaks down. Returns (loss, stats) with each level averaged over
-    its masked positions; stats: n, vloss, ploss, correct (level-1 sampled top-1 agreement with the target).
+    Drafting several levels is where a head trained only on true features breaks down. Only the chains with a loss
+    at some level are unrolled (scored_chains, unrolled). Returns (loss, stats) with each level averaged over its
+    masked positions; stats: n, vloss, ploss, correct (level-1 sampled top-1 agreement with the target).
     """
     ids, hidden, T = seq["ids"], seq["hidden"], seq["ids"].shape[0]
     n = int(seq["loss_mask"][1:].sum())
@@ -102,7 +134,9 @@ def sequence_loss(head, seq: dict, lm_head_weight: torch.Tensor, negatives: int,
     if noise > 0:
         u = torch.rand(features.shape, generator=generator, dtype=features.dtype)
         features = features + (u - 0.5) * noise * 512 / features.shape[-1]
-    preds = unrolled(head, ids, features, levels)
+    answer = seq["loss_mask"]
+    chains = scored_chains(answer, levels)
+    preds = unrolled(head, ids, features, levels, chains)
 
     # Sampled softmax: the candidate rows are every target top-k id of the sequence plus random negatives.
     rand_ids = torch.randint(0, lm_head_weight.shape[0], (negatives,), generator=generator)
@@ -112,15 +146,17 @@ def sequence_loss(head, seq: dict, lm_head_weight: torch.Tensor, negatives: int,
     probs = seq["topk_probs"] / seq["topk_probs"].sum(-1, keepdim=True)
 
     loss, total_weight, stats = 0.0, 0.0, {"n": n, "vloss": 0.0, "ploss": 0.0, "correct": 0}
-    for level, pred in enumerate(preds, start=1):  # pred row j predicts f_{j+level}
-        mask = seq["loss_mask"][level:]
+    for level, pred in enumerate(preds, start=1):  # row i predicts f at position chains[i] + level
+        at = chains[:pred.shape[0]] + level
+        mask = answer[at]
         if not mask.any():
             continue
-        vloss = F.smooth_l1_loss(predicted_feature(head, pred[mask]), hidden[level:][mask].to(pred.dtype),
+        at = at[mask]
+        vloss = F.smooth_l1_loss(predicted_feature(head, pred[mask]), hidden[at].to(pred.dtype),
                                  reduction="none").mean(-1).mean()
         logits = head.lm_input(pred[mask]) @ rows.T  # [m, C]
-        top_cols = cols[level:][mask]
-        ploss = -(probs[level:][mask] * logits.float().log_softmax(-1).gather(1, top_cols)).sum(-1).mean()
+        top_cols = cols[at]
+        ploss = -(probs[at] * logits.float().log_softmax(-1).gather(1, top_cols)).sum(-1).mean()
         weight = level_decay ** (level - 1)
         loss = loss + weight * (feature_weight * vloss + cls_weight * ploss)
         total_weight += weight
@@ -147,16 +183,19 @@ def evaluate(head, sequences, lm_head_weight: torch.Tensor, max_positions: int =
             continue
         dtype = next(head.parameters()).dtype
         top1 = seq["topk_ids"][:, 0]
-        alive = mask[1:].clone()  # chains still right, indexed by their level-1 row j
-        for level, pred in enumerate(unrolled(head, ids, input_features(head, seq)[:-1].to(dtype), levels), start=1):
+        chains = mask[1:].nonzero().flatten()  # a chain starts at every scored position
+        alive = torch.ones(chains.numel(), dtype=torch.bool)  # chains still right
+        preds = unrolled(head, ids, input_features(head, seq)[:-1].to(dtype), levels, chains)
+        for level, pred in enumerate(preds, start=1):
+            at = chains[:pred.shape[0]] + level  # the position each chain's level predicts
             alive = alive[: pred.shape[0]]
             if level > 1:  # the chain goes on with the target's greedy token: only where the text took it too
-                alive = alive & (ids[level:] == top1[level - 1:T - 1])
+                alive = alive & (ids[at] == top1[at - 1])
             rows = alive.nonzero().flatten()  # the full-vocabulary lm head only where a chain is still alive
             guess = (head.lm_input(pred[rows]).to(lm_head_weight.dtype) @ lm_head_weight.T).argmax(-1)
             totals[level - 1] += rows.numel()
             alive = torch.zeros_like(alive)
-            alive[rows] = guess == top1[level:][rows]
+            alive[rows] = guess == top1[at[rows]]
             hits[level - 1] += int(alive.sum())
     head.train(was_training)
     return rates_of(hits, totals)
