@@ -1,16 +1,8 @@
-"""NanoSpec demo: plain decoding, plain EAGLE and EAGLE + NanoSpec side by side (EAGLE-2's dynamic tree, the
-shipped head), on CPU, with a round view of the draft trees and the temporal-locality view.
-
-    python app.py                      # the embedded Qwen2.5-Coder-0.5B-Instruct with its shipped head
-    NANOSPEC_MODEL=/path/to/model NANOSPEC_HEAD=random NANOSPEC_DTYPE=float32 python app.py
-
-Environment: NANOSPEC_MODEL (default 'embedded'), NANOSPEC_DTYPE (default auto: the dtype measured fastest on this
-machine, nanospec_core/machine.py; the app's Precision control switches to float32 per run), NANOSPEC_HEAD
-(default: the shipped default head, paths.HEAD_KINDS; else a random one with a warning banner),
-NANOSPEC_QUESTIONS (the Spec-Bench file of the Benchmark tab), NANOSPEC_ANY_MODEL=1 (let users load hub ids and
-local folders, not only the packaged models), GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (read by Gradio).
-Layout and wiring only: the alternating runs are nanospec_core.compare, the charts and tables nanospec_core.views.ui,
-the round view nanospec_core.views.round_view, the locality view nanospec_core.views.locality_view.
+"""NanoSpec demo: plain decoding, plain EAGLE and EAGLE + NanoSpec side by side, a round view of the draft trees
+and the temporal-locality view. `python app.py`: the embedded Qwen2.5-Coder-0.5B-Instruct with its shipped head.
+Environment (defaults): NANOSPEC_MODEL ('embedded'), NANOSPEC_DTYPE (auto: measured, machine.py), NANOSPEC_HEAD
+(the shipped head), NANOSPEC_QUESTIONS (Benchmark tab), NANOSPEC_ANY_MODEL=1 (hub ids, local folders),
+GRADIO_SERVER_NAME / _PORT. Wiring only: runs in nanospec_core.compare, views in nanospec_core.views.
 """
 from __future__ import annotations
 
