@@ -39,7 +39,7 @@ def make_corpus(folder, target, train=10, held=4):
     return records
 
 
-def test_a_stage_trains_on_the_corpus_and_ships_only_when_it_beats_the_warm_start(tmp_path, tiny_model_dir):
+def test_a_stage_trains_on_the_corpus_and_ships_only_when_it_beats_the_warm_start(tmp_path, tiny_model_dir, capsys):
     from transformers import AutoModelForCausalLM
 
     target = TargetModel(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32))
@@ -64,8 +64,12 @@ def test_a_stage_trains_on_the_corpus_and_ships_only_when_it_beats_the_warm_star
     card = (folder / "MODEL_CARD.md").read_text()
     assert "## Stage 2 (" in card and "## Stage 1 (earlier)" in card  # the earlier stage's prose carried over
     assert json.loads((folder / "stages.json").read_text())[-1]["stage"] == 2
-    # score-only: the same positions for any head
-    assert main(["train-head", *args[1:], "--eval-head", str(init), "--score-dtypes", "float32"]) == 0
+    # score-only: the same positions for any head; the stage's own figures are those of the head as shipped
+    capsys.readouterr()
+    assert main(["train-head", *args[1:], "--eval-head", str(init), str(folder), "--score-dtypes", "float32"]) == 0
+    out = capsys.readouterr().out
+    scores = json.loads(out[out.index("\n{\n") + 1:])  # after the progress log lines
+    assert scores[str(init)] == result["heldout_init"] and scores[str(folder)] == result["heldout"]
 
 
 def test_held_out_items_are_cut_after_their_first_answer_tokens(tmp_path):

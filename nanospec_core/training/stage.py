@@ -218,8 +218,10 @@ def run(args: argparse.Namespace) -> dict:
                   feature_weight=feature_weight, cls_weight=cls_weight, on_checkpoint=on_checkpoint,
                   compute_dtype=compute)
 
-    # 4. Held-out: this head against the warm start, same positions; ship only if it is better.
-    mine = score_all(head)
+    # 4. Held-out: this head against the warm start, same positions; ship only if it is better. Both are scored as
+    # they ship: read back from their bf16 checkpoints (the trained copy holds float32 master weights).
+    export(head, trial, {"training": dict(state)})
+    mine = score_all(load_head(trial, target))
     before = score_all(load_head(args.init, target)) if args.init else None
     info.update({"steps": state["step"], "tokens_seen": state["tokens"], "train_wall_s": round(state["train_s"]),
                  "total_wall_s": round(time.time() - begin), "heldout": mine, "heldout_init": before,
