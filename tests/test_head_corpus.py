@@ -172,7 +172,10 @@ def test_the_committed_corpus_keeps_its_held_out_list_apart():
     manifest = corpus.read_manifest(EMBEDDED)
     assert sum(m["split"] == "train" for m in manifest) > 0 and sum(m["split"] == "heldout" for m in manifest) > 0
     assert check_split(manifest, held) == []
-    assert all(m["engine"] and m["dtype"] and m["sampler"] in ("greedy", "t0.7") for m in manifest)
+    assert all(m["engine"] and m["dtype"] and m["sampler"] in ("greedy", "t0.7") for m in manifest
+               if m["kind"] != "read")
+    read = [m for m in manifest if m["kind"] == "read"]  # original text the target only reads: no sampler, no engine
+    assert read and all(m["sampler"] == "original" and m["split"] == "train" and m["scored"] for m in read)
 
 
 def test_transformers_answers_feed_the_same_packing(tmp_path):

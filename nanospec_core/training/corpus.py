@@ -113,16 +113,52 @@ def pack_answers(answers: Path, folder: Path, engine: str, dtype: str, stop_ids:
     return write_shard(folder, fresh, engine, dtype, stop_ids), len(fresh)
 
 
-def training_items(corpus: list[dict], excluded) -> list[tuple[str, list[int], list[int]]]:
+def training_items(corpus: list[dict], excluded, score_prompts: tuple[list[int], int] | None = None
+                   ) -> list[tuple[str, list[int], list[int]]]:
     """Committed items -> data.extract_shards items (key, ids, loss_mask) for training: prompt + answer without its
-    last token, loss 1 on answer positions. excluded(meta) -> True drops an item (the held-out rule)."""
+    last token, loss 1 on answer positions (on a read item only its meta.scored spans: the assistant turns).
+    excluded(meta) -> True drops an item (the held-out rule). score_prompts (user header ids, end id): also score
+    the content of every user turn (user_spans), the template tokens around it left out."""
     items = []
     for item in corpus:
         if excluded(item["meta"]) or len(item["answer_ids"]) < 2:
             continue
         prompt, answer = item["prompt_ids"], item["answer_ids"]
-        items.append((item["meta"]["key"], prompt + answer[:-1], [0] * len(prompt) + [1] * (len(answer) - 1)))
+        mask = [0] * len(prompt) + answer_mask(item["meta"], len(answer))
+        ids = prompt + answer
+        if score_prompts:
+            for start, end in user_spans(ids, *score_prompts):
+                mask[start:end] = [1] * (end - start)
+        items.append((item["meta"]["key"], ids[:-1], mask[:-1]))
     return items
+
+
+def answer_mask(meta: dict, length: int) -> list[int]:
+    """1 on the answer positions that carry a loss: all of them, or each of meta.scored's [start, end) spans but its
+    last token. Position t's label is the target's distribution of token t + 1, so an answer scores the tokens after
+    its first, its stop token included, and a span does the same (the token after a span is the template's)."""
+    if "scored" not in meta:
+        return [1] * length
+    mask = [0] * length
+    for start, end in meta["scored"]:
+        mask[start:end - 1] = [1] * (end - 1 - start)
+    return mask
+
+
+def user_spans(ids: list[int], header: list[int], end_id: int) -> list[tuple[int, int]]:
+    """[start, end) of each user turn's content in a templated sequence: after each occurrence of the user header
+    (ChatML: <|im_start|>user\\n) up to its end token, which stays out (so do the header's own tokens)."""
+    spans, n, width = [], 0, len(header)
+    while n + width <= len(ids):
+        if ids[n:n + width] != header:
+            n += 1
+            continue
+        start = end = n + width
+        while end < len(ids) and ids[end] != end_id:
+            end += 1
+        spans.append((start, end))
+        n = end
+    return spans
 
 
 def summary(corpus: list[dict]) -> dict:

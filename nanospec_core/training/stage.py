@@ -55,6 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                         help="the matmuls' dtype under autocast (float32 master weights either way); auto: the "
                              "target's, which the machine probe measured fastest here")
+    parser.add_argument("--score-prompts", action="store_true", help="also score the content of user turns (the "
+                        "target's distribution over text it reads; template tokens left out)")
+    parser.add_argument("--finish-on-answers", type=float, default=0.15, help="fraction of the steps, at the end, "
+                        "that train on the target's own answers only (not on text it only read)")
     parser.add_argument("--tokens-per-step", type=int, default=2048)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--warmup", type=int, default=10)
@@ -109,6 +113,19 @@ def score(head, sequences: list, kinds: dict[str, str], lm_head_weight: torch.Te
 
 def beats(new: dict, old: dict) -> bool:
     return new["top1"] > old["top1"] and new["expected_chain"] > old["expected_chain"]
+
+
+def user_turn_markers(model: str) -> tuple[list[int], int]:
+    """ChatML's user header and end ids, for --score-prompts (corpus.user_spans)."""
+    from transformers import AutoTokenizer
+
+    from ..models.loading import resolve_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(model), local_files_only=True)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if end is None or end == tokenizer.unk_token_id:
+        raise NanoSpecError("--score-prompts knows ChatML templates only (<|im_start|>user ... <|im_end|>)")
+    return tokenizer.encode("<|im_start|>user\n"), end
 
 
 def load_target(model: str, device: str, dtype: str):
@@ -176,8 +193,9 @@ def run(args: argparse.Namespace) -> dict:
         return results
 
     # 2. Training features: every committed training item, extracted in a mixed order within the budget.
-    train_items = mixed_order(training_items([i for i in corpus if i["meta"]["split"] == "train"], held.excludes),
-                              args.seed)
+    prompts = user_turn_markers(args.model) if args.score_prompts else None
+    train_items = mixed_order(training_items([i for i in corpus if i["meta"]["split"] == "train"], held.excludes,
+                                             prompts), args.seed)
     paths = extract_shards(target, train_items, work / f"features_{dtype}", shard_size=32, aux_layers=aux,
                            deadline=time.time() + args.extract_minutes * 60, log=log)
     if args.extract_only:
@@ -187,8 +205,10 @@ def run(args: argparse.Namespace) -> dict:
     n_tokens = sum(int(s["loss_mask"].sum()) for s in train_seqs)
     used = {s["key"] for s in train_seqs}
     data = summary([i for i in corpus if i["meta"]["key"] in used])["train"]
-    log(f"features: {len(train_seqs)} train sequences ({n_tokens} scored tokens) of {len(train_items)} committed; "
-        f"{len(held_seqs[dtype])} held out; {data}")
+    answers = [n for n, s in enumerate(train_seqs) if kinds[s["key"]] != "read"]
+    read_tokens = sum(int(train_seqs[n]["loss_mask"].sum()) for n in set(range(len(train_seqs))) - set(answers))
+    log(f"features: {len(train_seqs)} train sequences ({n_tokens} scored tokens, {read_tokens} of them read text) "
+        f"of {len(train_items)} committed; {len(held_seqs[dtype])} held out; {data}")
 
     # 3. Train (fp32 master weights) into <work>/head, exporting a bf16 head at every checkpoint.
     head = make_head(args.kind, target, args.init, args.seed)
@@ -199,7 +219,8 @@ def run(args: argparse.Namespace) -> dict:
             "train_dtype": str(compute).removeprefix("torch."),
             "corpus": shown(folder), "data": data, "levels": args.levels, "init": args.init,
             "train_sequences": len(train_seqs), "committed_train_items": len(train_items),
-            "train_scored_tokens": n_tokens,
+            "train_scored_tokens": n_tokens, "train_scored_read_tokens": read_tokens,
+            "score_prompts": args.score_prompts, "finish_on_answers": args.finish_on_answers,
             "loss_weights": {"feature": feature_weight, "cross_entropy": cls_weight},
             "command": "python -m nanospec_core train-head " + " ".join(sys.argv[2:])}
 
@@ -216,7 +237,7 @@ def run(args: argparse.Namespace) -> dict:
                   tokens_per_step=args.tokens_per_step, lr=args.lr, warmup=args.warmup, negatives=args.negatives,
                   checkpoint_every=args.checkpoint_every, seed=args.seed, levels=args.levels,
                   feature_weight=feature_weight, cls_weight=cls_weight, on_checkpoint=on_checkpoint,
-                  compute_dtype=compute)
+                  compute_dtype=compute, finish_on=answers, finish_fraction=args.finish_on_answers)
 
     # 4. Held-out: this head against the warm start, same positions; ship only if it is better. Both are scored as
     # they ship: read back from their bf16 checkpoints (the trained copy holds float32 master weights).

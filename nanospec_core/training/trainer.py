@@ -61,7 +61,8 @@ def train(head, train_seqs, lm_head_weight, work: Path, *, minutes: float | None
           tokens_per_step: int = 4096, lr: float = 5e-4, warmup: int = 20, negatives: int = 1024,
           noise: float = FEATURE_NOISE, clip: float = 0.5, checkpoint_every: int = 10, seed: int = 0, levels: int = 1,
           feature_weight: float = 1.0, cls_weight: float = 0.1, on_checkpoint=None,
-          compute_dtype: torch.dtype = torch.float32) -> dict:
+          compute_dtype: torch.dtype = torch.float32, finish_on: list[int] | None = None,
+          finish_fraction: float = 0.0) -> dict:
     """Train `head` in place; resumes from work/checkpoint.pt. Stops after `steps` or `minutes` of this call.
 
     compute_dtype: the forward and backward matmuls run in it under autocast (float32 master weights and optimizer
@@ -69,11 +70,15 @@ def train(head, train_seqs, lm_head_weight, work: Path, *, minutes: float | None
 
     With only `minutes`, the total step count (which fixes the cosine schedule) is set from the measured time of
     the first 3 steps and stored in the checkpoint, so a resumed run keeps the same schedule.
+
+    finish_on, finish_fraction: the last finish_fraction of the steps draw only train_seqs[finish_on] (a stage
+    finishes on the target's own answers, after epochs that mix in text it only read).
     """
     work.mkdir(parents=True, exist_ok=True)
     ckpt_path, csv_path = work / "checkpoint.pt", work / "loss.csv"
     optimizer = torch.optim.AdamW(trainable(head), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    state = {"step": 0, "total_steps": steps, "epoch": 0, "cursor": 0, "tokens": 0, "train_s": 0.0}
+    state = {"step": 0, "total_steps": steps, "epoch": 0, "cursor": 0, "tokens": 0, "train_s": 0.0,
+             "finish_cursor": 0}
     if ckpt_path.exists():
         state = load_checkpoint(ckpt_path, head, optimizer)
         log(f"resumed from step {state['step']} ({state['tokens']} tokens)")
@@ -103,15 +108,23 @@ def train(head, train_seqs, lm_head_weight, work: Path, *, minutes: float | None
             random.Random(seed + state["epoch"]).shuffle(order)
             t0, n_tok, sums = time.time(), 0, {"loss": 0.0, "vloss": 0.0, "ploss": 0.0, "correct": 0}
             optimizer.zero_grad(set_to_none=True)
+            finishing = bool(finish_on) and state["total_steps"] is not None and \
+                state["step"] >= state["total_steps"] * (1 - finish_fraction)
             while n_tok < tokens_per_step:
-                if state["cursor"] >= len(order):
+                if finishing:  # the final phase: the target's own answers only, in a seeded order of their own
+                    cursor = state.setdefault("finish_cursor", 0)
+                    ring = random.Random(seed + 10 ** 6 + cursor // len(finish_on)).sample(finish_on, len(finish_on))
+                    state["finish_cursor"] = cursor + 1
+                    seq = train_seqs[ring[cursor % len(finish_on)]]
+                elif state["cursor"] >= len(order):
                     state["epoch"] += 1
                     state["cursor"] = 0
                     order = list(range(len(train_seqs)))
                     random.Random(seed + state["epoch"]).shuffle(order)
-                seq = train_seqs[order[state["cursor"]]]
+                if not finishing:
+                    seq = train_seqs[order[state["cursor"]]]
+                    state["cursor"] += 1
                 seq = seq.load() if hasattr(seq, "load") else seq  # data.ShardSequence: read from disk once
-                state["cursor"] += 1
                 with autocast:
                     loss, stats = sequence_loss(head, seq, lm_head_weight, negatives, noise, generator,
                                                 levels=levels, feature_weight=feature_weight, cls_weight=cls_weight)
