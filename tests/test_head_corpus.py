@@ -224,7 +224,8 @@ def test_calibration_prompts_come_from_allowed_records_no_head_trained_on():
     from nanospec_core.training.data import iter_sharegpt, sample_conversations, to_messages
 
     prompts = calibration_prompts(16, corpus=EMBEDDED)
-    assert len(prompts) == 16
+    mixed = calibration_prompts(16, corpus=EMBEDDED, long_share=0.25)
+    assert len(prompts) == 16 and mixed[:12] == prompts[:12] and len(mixed) == 16
     position = {}
     for n, rec in enumerate(iter_sharegpt()):
         messages = to_messages(rec)
@@ -236,4 +237,9 @@ def test_calibration_prompts_come_from_allowed_records_no_head_trained_on():
     for prompt in prompts:
         places = position[prompt]  # every record with this first turn: one below 8,000, none trained on
         assert any(n < SHAREGPT_EVAL_FROM for n, _ in places), places
+        assert not any(f"sharegpt:{base}" in trained or base in drawn for _, base in places), places
+    for task in mixed[12:]:  # long-context tasks over the text of such conversations (a long first turn opens it)
+        places = [place for first, found in position.items() if len(first) >= 200 and first[:200] in task
+                  for place in found]
+        assert places and any(n < SHAREGPT_EVAL_FROM for n, _ in places), task[:200]
         assert not any(f"sharegpt:{base}" in trained or base in drawn for _, base in places), places
