@@ -11,6 +11,7 @@ bf16 head is exported at every checkpoint so a run cut short is still usable.
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import random
 import time
@@ -100,54 +101,47 @@ def train(head, train_seqs, lm_head_weight, work: Path, *, minutes: float | None
     with csv_path.open("a", newline="") as sink:
         writer = csv.writer(sink)
         if new_file:
-            writer.writerow(["step", "tokens", "lr", "loss", "vloss", "ploss", "acc", "tok_per_s", "wall_s"])
+            writer.writerow(["step", "tokens", "lr", "loss", "vloss", "ploss", "acc", "tok_per_s", "wall_s",
+                             "forward_s", "backward_s", "update_s"])
         while state["total_steps"] is None or state["step"] < state["total_steps"]:
             if deadline and time.time() > deadline:
                 break
-            order = list(range(len(train_seqs)))
-            random.Random(seed + state["epoch"]).shuffle(order)
             t0, n_tok, sums = time.time(), 0, {"loss": 0.0, "vloss": 0.0, "ploss": 0.0, "correct": 0}
             optimizer.zero_grad(set_to_none=True)
             finishing = bool(finish_on) and state["total_steps"] is not None and \
                 state["step"] >= state["total_steps"] * (1 - finish_fraction)
-            while n_tok < tokens_per_step:
-                if finishing:  # the final phase: the target's own answers only, in a seeded order of their own
-                    cursor = state.setdefault("finish_cursor", 0)
-                    ring = random.Random(seed + 10 ** 6 + cursor // len(finish_on)).sample(finish_on, len(finish_on))
-                    state["finish_cursor"] = cursor + 1
-                    seq = train_seqs[ring[cursor % len(finish_on)]]
-                elif state["cursor"] >= len(order):
-                    state["epoch"] += 1
-                    state["cursor"] = 0
-                    order = list(range(len(train_seqs)))
-                    random.Random(seed + state["epoch"]).shuffle(order)
-                if not finishing:
-                    seq = train_seqs[order[state["cursor"]]]
-                    state["cursor"] += 1
-                seq = seq.load() if hasattr(seq, "load") else seq  # data.ShardSequence: read from disk once
-                with autocast:
+            # One autocast context and one backward per step: the bf16 copies of the weights are cast once per step
+            # (autocast's cache lives as long as its context), and the step's sequences share one backward pass.
+            total = 0.0
+            with autocast:
+                while n_tok < tokens_per_step:
+                    seq = next_sequence(train_seqs, state, seed, finish_on if finishing else None)
                     loss, stats = sequence_loss(head, seq, lm_head_weight, negatives, noise, generator,
                                                 levels=levels, feature_weight=feature_weight, cls_weight=cls_weight)
-                if loss is None:
-                    continue
-                (loss * stats["n"] / tokens_per_step).backward()  # token-weighted mean over the step
-                n_tok += stats["n"]
-                for key in ("vloss", "ploss"):
-                    sums[key] += stats[key] * stats["n"]
-                sums["loss"] += float(loss.detach()) * stats["n"]
-                sums["correct"] += stats["correct"]
+                    if loss is None:
+                        continue
+                    total = total + loss * stats["n"]
+                    n_tok += stats["n"]
+                    for key in ("vloss", "ploss"):
+                        sums[key] += stats[key] * stats["n"]
+                    sums["loss"] += float(loss.detach()) * stats["n"]
+                    sums["correct"] += stats["correct"]
+            t_forward = time.time()
+            (total / n_tok).backward()  # the token-weighted mean over the step
+            t_backward = time.time()
             current_lr = lr_at(state["step"], state["total_steps"] or 10 ** 9, lr, warmup)
             for group in optimizer.param_groups:
                 group["lr"] = current_lr
             torch.nn.utils.clip_grad_norm_(trainable(head), clip)
             optimizer.step()
             dt = time.time() - t0
+            split = (t_forward - t0, t_backward - t_forward, time.time() - t_backward)  # forward, backward, update
             state["step"] += 1
             state["tokens"] += n_tok
             state["train_s"] += dt
             step_tokens += n_tok
             row = [state["step"], state["tokens"], f"{current_lr:.3g}", sums["loss"] / n_tok, sums["vloss"] / n_tok,
-                   sums["ploss"] / n_tok, sums["correct"] / n_tok, n_tok / dt, round(state["train_s"], 1)]
+                   sums["ploss"] / n_tok, sums["correct"] / n_tok, n_tok / dt, round(state["train_s"], 1), *split]
             writer.writerow([f"{v:.4f}" if isinstance(v, float) else v for v in row])
             sink.flush()
             log(f"step {state['step']}/{state['total_steps']} loss {row[3]:.4f} (v {row[4]:.4f} p {row[5]:.3f}) "
@@ -162,6 +156,30 @@ def train(head, train_seqs, lm_head_weight, work: Path, *, minutes: float | None
                     on_checkpoint(state)
     save_checkpoint(ckpt_path, head, optimizer, state)
     return state
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(count: int, seed: int) -> list[int]:
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def next_sequence(train_seqs, state: dict, seed: int, only: list[int] | None = None) -> dict:
+    """The next training sequence: epochs over a seeded shuffle of all of them (state's epoch and cursor), or,
+    with `only`, a seeded ring over those indices (the final phase on the target's own answers)."""
+    if only:
+        cursor = state.setdefault("finish_cursor", 0)
+        state["finish_cursor"] = cursor + 1
+        ring = random.Random(seed + 10 ** 6 + cursor // len(only)).sample(only, len(only))
+        seq = train_seqs[ring[cursor % len(only)]]
+    else:
+        if state["cursor"] >= len(train_seqs):
+            state["epoch"] += 1
+            state["cursor"] = 0
+        seq = train_seqs[epoch_order(len(train_seqs), seed + state["epoch"])[state["cursor"]]]
+        state["cursor"] += 1
+    return seq.load() if hasattr(seq, "load") else seq  # data.ShardSequence: read from disk once
 
 
 def export(head, out: Path, extra: dict) -> None:
