@@ -45,6 +45,9 @@ from .config import DTYPES
 from .errors import NanoSpecError
 
 PROBE_ROWS = 8  # rows of a verified CPU draft tree (root + 7 nodes): the verify forward's batch
+BULK_ROWS = 128  # feature extraction and head training: matmuls over hundreds of rows (compute-bound, not
+# weight-bound), where the fastest dtype can differ (Xeon 207: bf16 won at 1-8 rows and ran a 512-token prefill
+# 1.8x slower than float32); train-head probes at these rows
 PROBE_LAYERS = 4  # distinct layers timed (x num_layers / PROBE_LAYERS): more bytes than a last-level cache
 PROBE_REPEATS = 3  # medians of 3 after one warm-up call
 LAYOUTS = ("row", "column")  # the first is the default
@@ -52,7 +55,7 @@ MARGIN = 1.05  # a non-default layout or dtype must be this much faster (probe n
 SHORT = {"float32": "float32", "bfloat16": "bf16", "float16": "fp16"}
 
 # costs: "dtype/layout/part/rows" -> ms, e.g. "bfloat16/row/backbone/8"
-Probe = Callable[["ModelShapes", str, tuple[str, ...], tuple[str, ...]], dict[str, float]]
+Probe = Callable[..., dict[str, float]]  # (shapes, device, dtypes, layouts, rows=...) -> costs
 
 
 @dataclass(frozen=True)
@@ -263,10 +266,11 @@ def write_cache(path: Path, entries: dict) -> None:
 
 
 def choose_runtime(hf_config, device: str = "auto", dtype: str = "auto", probe: Probe = probe_costs,
-                   cache: Path | None | bool = True) -> RuntimeChoice:
+                   cache: Path | None | bool = True, rows: tuple[int, ...] = (1, PROBE_ROWS)) -> RuntimeChoice:
     """Resolve device, dtype and layout for a model config: measured (or cached), or the user's dtype.
 
     probe: injectable for tests; cache: True = cache_dir()/machine.json, a path, or False/None for none.
+    rows: the batch sizes the probe times (decoding: 1 and PROBE_ROWS; training and extraction: BULK_ROWS).
     """
     device = resolve_device(device)
     if dtype != "auto" and dtype not in DTYPES:
@@ -281,7 +285,7 @@ def choose_runtime(hf_config, device: str = "auto", dtype: str = "auto", probe: 
     shapes = ModelShapes.from_config(hf_config)
     machine = machine_name(device)
     key = f"{machine} | {os.cpu_count()} cores | torch {torch.__version__} | {device} | {shapes.key()} | " \
-          f"{','.join(dtypes)} | {','.join(layouts)} | rows 1,{PROBE_ROWS}"
+          f"{','.join(dtypes)} | {','.join(layouts)} | rows {','.join(map(str, rows))}"
     path = _cache_file() if cache is True else (Path(cache) if cache else None)
     entries = read_cache(path) if path else {}
     if key in entries:
@@ -289,8 +293,8 @@ def choose_runtime(hf_config, device: str = "auto", dtype: str = "auto", probe: 
         return choice
     started = time.perf_counter()
     with torch.inference_mode():
-        costs = probe(shapes, device, dtypes, layouts)
-    decision = decide(costs, dtypes, layouts)
+        costs = probe(shapes, device, dtypes, layouts, rows=rows)
+    decision = decide(costs, dtypes, layouts, rows=rows)
     choice = RuntimeChoice(device=device, source="measured" if dtype == "auto" else "given",
                            probe_s=time.perf_counter() - started, machine=machine, costs=costs, **decision)
     if path:

@@ -5,17 +5,17 @@ import pytest
 import torch
 
 from nanospec_core.errors import NanoSpecError
-from nanospec_core.machine import (ModelShapes, RuntimeChoice, choose_runtime, decide, probe_costs,
-                                   resolve_device)
+from nanospec_core.machine import (BULK_ROWS, PROBE_ROWS, ModelShapes, RuntimeChoice, choose_runtime, decide,
+                                   probe_costs, resolve_device)
 from tests.conftest import tiny_hf_model
 
 DTYPES, LAYOUTS = ("float32", "bfloat16"), ("row", "column")
 
 
-def costs(ms: dict) -> dict:
-    """Probe costs from {(dtype, layout): ms}, the same for both parts and both row counts."""
+def costs(ms: dict, rows=(1, 8)) -> dict:
+    """Probe costs from {(dtype, layout): ms}, the same for both parts and every row count."""
     return {f"{d}/{l}/{part}/{n}": value for (d, l), value in ms.items() for part in ("backbone", "lm_head")
-            for n in (1, 8)}
+            for n in rows}
 
 
 def test_float32_faster_gives_float32():
@@ -57,9 +57,9 @@ class CountingProbe:
     def __init__(self, ms):
         self.calls, self.ms = [], ms
 
-    def __call__(self, shapes, device, dtypes, layouts):
+    def __call__(self, shapes, device, dtypes, layouts, rows=(1, PROBE_ROWS)):
         self.calls.append(dtypes)
-        return costs({(d, l): self.ms[d] + (5 if l == "column" else 0) for d in dtypes for l in layouts})
+        return costs({(d, l): self.ms[d] + (5 if l == "column" else 0) for d in dtypes for l in layouts}, rows)
 
 
 def test_the_decision_is_cached_so_a_second_start_does_not_probe(tmp_path):
@@ -72,6 +72,23 @@ def test_the_decision_is_cached_so_a_second_start_does_not_probe(tmp_path):
     assert len(probe.calls) == 1 and again.dtype == "bfloat16" and again.source == "cached"
     stored = json.loads((tmp_path / "machine.json").read_text())
     assert len(stored) == 1 and "torch " + torch.__version__ in next(iter(stored))
+
+
+def test_training_probes_at_bulk_rows_and_keeps_its_own_decision(tmp_path):
+    """Decoding times 1 and 8 rows, training and extraction BULK_ROWS: one machine can want bf16 for the first and
+    float32 for the second, and the two decisions are cached apart."""
+    class RowsProbe(CountingProbe):
+        def __call__(self, shapes, device, dtypes, layouts, rows=(1, PROBE_ROWS)):
+            self.calls.append(rows)
+            faster = "bfloat16" if rows == (1, PROBE_ROWS) else "float32"
+            return costs({(d, l): 30 if d == faster else 60 for d in dtypes for l in layouts}, rows)
+
+    config, probe, cache = tiny_hf_model().config, RowsProbe({}), tmp_path / "machine.json"
+    decode = choose_runtime(config, device="cpu", dtype="auto", probe=probe, cache=cache)
+    bulk = choose_runtime(config, device="cpu", dtype="auto", probe=probe, cache=cache, rows=(BULK_ROWS,))
+    assert (decode.dtype, bulk.dtype) == ("bfloat16", "float32") and probe.calls == [(1, PROBE_ROWS), (BULK_ROWS,)]
+    again = choose_runtime(config, device="cpu", dtype="auto", probe=probe, cache=cache, rows=(BULK_ROWS,))
+    assert again.dtype == "float32" and again.source == "cached" and len(probe.calls) == 2
 
 
 def test_a_given_dtype_probes_only_its_layouts():

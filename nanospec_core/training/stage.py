@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", default=None, help="committed answers (default data/head/<model>)")
     parser.add_argument("--work", default=None, help="features and checkpoints (default runs/head_<kind>_<key>)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--target-dtype", default="auto", help="auto: the fastest measured on this machine")
+    parser.add_argument("--target-dtype", default="auto", help="auto: the fastest measured on this machine at the "
+                        "shapes of extraction and training (machine.BULK_ROWS rows, not the decode probe's 1-8)")
     parser.add_argument("--score-dtypes", default="", help="comma list: also score held-out on these features "
                         "(long-context items left out there: their prompts are most of the cost)")
     parser.add_argument("--heldout-answer-tokens", type=int, default=96, help="answer positions per held-out item")
@@ -54,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-head", nargs="+", default=None, help="only score these heads on the held-out list")
     parser.add_argument("--train-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                         help="the matmuls' dtype under autocast (float32 master weights either way); auto: the "
-                             "target's, which the machine probe measured fastest here")
+                             "target's, which the machine probe measured fastest here at training shapes")
     parser.add_argument("--score-prompts", action="store_true", help="also score the content of user turns (the "
                         "target's distribution over text it reads; template tokens left out)")
     parser.add_argument("--finish-on-answers", type=float, default=0.15, help="fraction of the steps, at the end, "
@@ -129,12 +130,12 @@ def user_turn_markers(model: str) -> tuple[list[int], int]:
 
 
 def load_target(model: str, device: str, dtype: str):
-    from ..machine import choose_runtime
+    from ..machine import BULK_ROWS, choose_runtime
     from ..models.loading import load_model
     from ..models.target import TargetModel
     from ..session import model_config
 
-    runtime = choose_runtime(model_config(model), device=device, dtype=dtype)
+    runtime = choose_runtime(model_config(model), device=device, dtype=dtype, rows=(BULK_ROWS,))
     loaded = load_model(model, dtype=runtime.torch_dtype, device=runtime.device,
                         layout=(runtime.backbone_layout, runtime.head_layout))
     return runtime, loaded, TargetModel(loaded.hf_model)
