@@ -12,9 +12,9 @@ tokens per round for any tree.
 Prompts: ShareGPT first user turns from the allowed range (records below 8,000) whose conversation no head trained
 on, and (--long-share, 0.3 by default, about Spec-Bench's share of summarisation, RAG, extraction and translation)
 long-context tasks over those conversations' text (calibration_prompts): first turns alone made the tree chooser's
-tau about 20% optimistic on the benchmark. Never Spec-Bench, never the evaluation range: acceptance.json ships with the head. (The
-shipped acceptance.json files name their command; stage 2's was measured on evaluation-range records, before this
-rule; stage 3's and later on allowed ones.)
+tau about 20% optimistic on the benchmark. Never Spec-Bench, never the evaluation range: acceptance.json ships with
+the head. (The shipped acceptance.json files name their command; stage 2's was measured on evaluation-range records,
+before this rule; stage 3's and later on allowed ones.)
 """
 from __future__ import annotations
 
