@@ -54,8 +54,9 @@ def decode(target, head, policy_name: str | None, prompt, gen: GenerationConfig,
     if policy_name is None:
         return [t for s in plain_decode(target, request) for t in s.tokens]
     frequency = torch.randperm(target.vocab_size, generator=torch.Generator().manual_seed(1)).to(target.device)
-    policy = make_policy(policy_name, head.lm_head_weight, VocabConfig(capacity=512, static_core=128, static_k=1024), target.vocab_size,
-                         head_to_target=head.head_to_target, frequency=frequency)
+    cfg = VocabConfig(capacity=512, static_core=128, static_k=1024)  # the tiny vocabulary's sizes
+    policy = make_policy(policy_name, head.lm_head_weight, cfg, target.vocab_size, head_to_target=head.head_to_target,
+                         frequency=frequency)
     return [t for s in speculative_decode(target, head, policy, request, tree) for t in s.tokens]
 
 
