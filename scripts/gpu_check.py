@@ -5,9 +5,10 @@ with --quick --device cpu, at small shapes on a CPU (CI: tests/test_gpu_check.py
     python3 scripts/gpu_check.py --quick --device cpu --out /tmp/check
 
 Writes gpu_check.json and gpu_check.md under --out (default $OUT, else ./gpu_check_out) and prints a short table.
-Sections (nanospec_core/bench/device_check): compat, greedy, sampling, reads, overlap, draft_split, verify_cost,
-lm_head_graph, plugin_scoring; each passes, fails or skips on its own and the report says why. Exit status 1 when a
-section failed. The plugin inside vLLM needs vLLM's CUDA build, which the lent machine does not have (README).
+Sections (nanospec_core/bench/device_check): compat, greedy, sampling, reads, plugin_scoring, overlap, draft_split,
+lm_head_graph, verify_cost, and plugin_engine (the plugin inside vLLM: only where vLLM's CUDA build is installed, not
+on the lent machine); each passes, fails or skips on its own and the report says why. Exit status 1 when a section
+failed. --set overrides integer shape fields (shapes.CheckShape), e.g. to try the full shapes briefly on a CPU.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,7 +27,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from nanospec_core.bench.device_check import compat, correctness, draft_cost, overlap, plugin_scoring  # noqa: E402
+from nanospec_core.bench.device_check import (compat, correctness, draft_cost, overlap, plugin_engine,  # noqa: E402
+                                              plugin_scoring)
 from nanospec_core.bench.device_check.report import Context, run_section, summary_table, write  # noqa: E402
 from nanospec_core.bench.device_check.shapes import FULL, QUICK  # noqa: E402
 
@@ -39,6 +42,7 @@ SECTIONS = {
     "draft_split": draft_cost.draft_split_section,
     "lm_head_graph": draft_cost.lm_head_graph_section,
     "verify_cost": draft_cost.verify_cost_section,
+    "plugin_engine": plugin_engine.plugin_engine_section,  # skipped where vLLM's CUDA build is absent (the lent one)
 }
 
 
@@ -48,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small shapes (a CPU in CI)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
     parser.add_argument("--only", default="", help="comma-separated sections (default: all)")
+    parser.add_argument("--set", default="", help="override integer shape fields, e.g. new_tokens=8,repeats=3")
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -68,7 +73,18 @@ def main(argv: list[str] | None = None) -> int:
               "device": device, "mode": "quick" if args.quick else "full", "torch": torch.__version__,
               "cuda": torch.version.cuda, "transformers": transformers.__version__,
               "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    ctx = Context(device, args.quick, QUICK if args.quick else FULL, out_dir)
+    shapes = QUICK if args.quick else FULL
+    try:
+        overrides = {key: int(value) for key, value in (item.split("=") for item in args.set.split(",") if item)}
+        not_int = [key for key in overrides if not isinstance(getattr(shapes, key, None), int)]
+        if not_int:
+            raise ValueError(f"not integer shape fields: {not_int}")
+        shapes = replace(shapes, **overrides)
+    except (TypeError, ValueError) as error:
+        print(f"gpu_check: --set {args.set!r}: {error}", file=sys.stderr)
+        return 2
+    header["shape overrides"] = args.set or "none"
+    ctx = Context(device, args.quick, shapes, out_dir)
     start, results = time.perf_counter(), []
     for name in chosen:
         results.append(run_section(ctx, name, SECTIONS[name]))

@@ -42,6 +42,7 @@ def check_report(report: dict) -> None:
     for name in MUST_PASS:
         assert sections[name]["status"] == "passed", (name, sections[name]["reason"])
     assert sections["overlap"]["status"] == "skipped" and "CUDA only" in sections["overlap"]["reason"]
+    assert sections["plugin_engine"]["status"] == "skipped" and "vLLM" in sections["plugin_engine"]["reason"]
     assert all(check["ok"] for check in sections["greedy"]["checks"].values()) and sections["greedy"]["checks"]
     assert report["passed"] and report["header"]["mode"] == "quick"
 

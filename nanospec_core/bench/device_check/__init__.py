@@ -8,4 +8,5 @@ shapes that run the same code on a CPU in CI (shapes.py).
                        verify cost per tree size; the lm-head step eager vs replayed from a CUDA graph
     plugin_scoring.py  the vLLM plugin's fixed-shape scoring (torch only) captured once and replayed as sets change
     compat.py          the torch / transformers APIs these paths use, checked against the running versions
+    plugin_engine.py   the plugin inside vLLM: only where vLLM's CUDA build is installed (skipped on the lent machine)
 """
