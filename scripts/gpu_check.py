@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in chosen:
         results.append(run_section(ctx, name, SECTIONS[name]))
         print(f"[gpu_check] {name}: {results[-1].status} ({results[-1].seconds} s)", flush=True)
-    header["seconds"] = round(time.perf_counter() - start, 1)
-    json_path, md_path = write(out_dir, header, results)
+        header["seconds"] = round(time.perf_counter() - start, 1)
+        json_path, md_path = write(out_dir, header, results)  # after every section: a run cut short keeps its part
     print(summary_table(results))
     print(f"report: {json_path} and {md_path} ({header['seconds']} s)")
     return 1 if any(r.status == "failed" for r in results) else 0
