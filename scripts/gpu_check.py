@@ -5,8 +5,8 @@ with --quick --device cpu, at small shapes on a CPU (CI: tests/test_gpu_check.py
     python3 scripts/gpu_check.py --quick --device cpu --out /tmp/check
 
 Writes gpu_check.json and gpu_check.md under --out (default $OUT, else ./gpu_check_out) and prints a short table.
-Sections (nanospec_core/bench/device_check): compat, greedy, sampling, reads, plugin_scoring, overlap, draft_split,
-lm_head_graph, verify_cost, and plugin_engine (the plugin inside vLLM: only where vLLM's CUDA build is installed, not
+Sections (nanospec_core/bench/device_check): compat, greedy, sampling, reads, plugin_scoring, overlap, verify_cost,
+draft_split, lm_head_graph, and plugin_engine (the plugin inside vLLM: only where vLLM's CUDA build is installed, not
 on the lent machine); each passes, fails or skips on its own and the report says why. Exit status 1 when a section
 failed. --set overrides integer shape fields (shapes.CheckShape), e.g. to try the full shapes briefly on a CPU.
 """
@@ -39,9 +39,9 @@ SECTIONS = {
     "reads": correctness.reads_section,
     "plugin_scoring": plugin_scoring.plugin_scoring_section,
     "overlap": overlap.overlap_section,
+    "verify_cost": draft_cost.verify_cost_section,  # then the two-vocabulary sections: one target build each way
     "draft_split": draft_cost.draft_split_section,
     "lm_head_graph": draft_cost.lm_head_graph_section,
-    "verify_cost": draft_cost.verify_cost_section,
     "plugin_engine": plugin_engine.plugin_engine_section,  # skipped where vLLM's CUDA build is absent (the lent one)
 }
 

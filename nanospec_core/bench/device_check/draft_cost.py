@@ -92,7 +92,7 @@ def lm_head_graph_section(ctx: Context) -> None:
     vs a CUDA graph replay (fixed shapes: the buffer's used range does not move between replays)."""
     shape, rows = ctx.shapes, []
     k = shape.tree[1]
-    for vocab in shape.vocabs:
+    for vocab in sorted(shape.vocabs, key=lambda v: ("target", v) not in ctx.cache):  # the target built last first
         target, head = models(ctx, vocab)
         weight = head.lm_head_weight
         hidden = torch.randn(k, weight.shape[1], device=ctx.device, dtype=weight.dtype)
