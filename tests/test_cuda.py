@@ -27,8 +27,9 @@ def decode(target, head, method, prompt, max_new=40):
     request = Request(prompt.cuda(), GenerationConfig(max_new_tokens=max_new), frozenset())
     if method == "vanilla":
         return [t for s in plain_decode(target, request) for t in s.tokens]
-    policy = make_policy({"eagle": "full"}.get(method, method), head.lm_head_weight, VocabConfig(capacity=512),
-                         target.vocab_size, frequency=torch.randperm(target.vocab_size).cuda())
+    cfg = VocabConfig(capacity=512, static_core=128)  # the default core (1,024 ids) does not fit 512
+    policy = make_policy({"eagle": "full"}.get(method, method), head.lm_head_weight, cfg, target.vocab_size,
+                         frequency=torch.randperm(target.vocab_size).cuda())
     return [t for s in speculative_decode(target, head, policy, request, TreeConfig(depth=4, top_k=4,
                                                                                       total_tokens=16))
             for t in s.tokens]

@@ -219,3 +219,34 @@ def test_requests_joining_and_leaving_are_scored_against_their_own_history():
             ids = sorted(expected)
             assert torch.allclose(logits[row, ids], hidden[row] @ weight[ids].T, atol=1e-5)
     assert vocab.stats.rebuilds > 0 and vocab.stats.full_rows == 0  # the buffer was compacted along the way
+
+
+# ----- issue 35, defect 4: no re-gather cliff near capacity -----
+def test_an_overflow_that_compaction_cannot_relieve_does_not_rebuild(weight):
+    """Near capacity with nothing finished, a rebuild frees nothing: it must not re-gather every live row each time
+    a request overflows (the request falls back instead, as it would after the rebuild)."""
+    vocab = ActiveVocab(weight, V, slots=6, core_ids=[0], capacity=20, buffer_capacity=24)
+    vocab.absorb("a", range(1, 16))
+    vocab.absorb("b", range(16, 24))  # 24 entries, all live
+    for k, request in enumerate(("c", "d", "e")):  # each step another request brings one new id
+        vocab.absorb(request, [30 + k])
+    assert vocab.stats.rebuilds == 0 and vocab.full_slots == {vocab.slot_of[r] for r in "cde"}
+
+
+def test_a_rebuild_waits_for_enough_finished_rows_and_leaves_headroom(weight):
+    """A rebuild is worth its re-gather only when it frees room for more than the ids that asked for it: with one
+    finished row it waits; once an eighth of the buffer is dead it compacts, and the next steps' ids fit."""
+    vocab = ActiveVocab(weight, V, slots=8, core_ids=[0], capacity=40, buffer_capacity=40)
+    vocab.absorb("a", range(1, 36))  # 36 entries
+    vocab.absorb("x", [36])
+    vocab.release("x")  # one dead entry: 37 used
+    vocab.absorb("b", [37, 38, 39, 40])  # 41 > 40: compaction would leave 40 of 40 used
+    assert vocab.stats.rebuilds == 0
+    vocab.release("a")  # 36 dead entries
+    vocab.absorb("c", range(41, 46))  # 37 + 5 > 40: compacted to core + c
+    assert vocab.stats.rebuilds == 1 and vocab.used <= 40 - 40 // 8
+    for k in range(3):
+        vocab.absorb("c", [46 + k])
+    assert vocab.stats.rebuilds == 1
+    logits = vocab.logits(torch.randn(1, H), ["c"], full_logits(weight))
+    assert allowed(logits) == [{0, *range(41, 49)}]

@@ -61,3 +61,34 @@ def test_under_async_scheduling_the_sets_grow_from_the_sampled_tokens_not_the_pl
             history[request] = history[request] + [-1] * len(sampled[request][step])
             committed[request] += sampled[request][step]
     assert restriction.stats.commits == 3 + 3  # steps 0 and 1 read back (step 2's at the next step)
+
+
+# ----- issue 35, defect 3: the next step never waits for a copy still running -----
+class RunningCopy:
+    """A copy's event that answers 'not finished' to its first `busy` queries; waiting on it would stall the host."""
+
+    def __init__(self, busy: int):
+        self.busy = busy
+
+    def query(self) -> bool:
+        self.busy -= 1
+        return self.busy < 0
+
+    def synchronize(self):
+        raise AssertionError("resolve() waited on the device inside an engine step")
+
+
+def test_a_copy_still_running_is_deferred_to_a_later_step_not_waited_for():
+    weight = torch.randn(V, H)
+    restriction = Restriction(Settings(static_core=(0,), capacity=64, buffer_capacity=128), slots=2,
+                              vocab_size=V, runner="v1", rows=lambda: HeadRows(weight, V), transform=LogitTransform)
+    restriction.admit("a", [100])
+    first, second = stage_v1(["a"], torch.tensor([[11, 12]]), None), stage_v1(["a"], torch.tensor([[13, -1]]), None)
+    first.event, second.event = RunningCopy(busy=1), RunningCopy(busy=0)
+    restriction.stage(first)
+    restriction.stage(second)
+    restriction.apply_staged()  # the first copy is still running: both wait, in order
+    assert restriction.vocab.active["a"] == {0, 100} and restriction.staged == [first, second]
+    restriction.apply_staged()  # a step later both have landed
+    assert restriction.vocab.active["a"] == {0, 100, 11, 12, 13} and not restriction.staged
+    assert restriction.stats.commits == 3

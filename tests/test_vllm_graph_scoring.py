@@ -172,3 +172,53 @@ def test_a_tensor_parallel_head_gives_every_rank_the_full_rows(weight):
     for rank in (0, 1):
         assert finite(results[rank]) == [set(ids)]
         assert torch.allclose(results[rank][0, ids], expected[0], atol=1e-5)
+
+
+# ----- issue 35: the plugin's cost defects -----
+def pruned_index(rows: int, stride: int = 5) -> torch.Tensor:
+    """[V] draft row of each target id: a pruned EAGLE-3 head (d2t) drafting ids 0, stride, 2 * stride, ..."""
+    index = torch.full((V,), -1, dtype=torch.long)
+    index[torch.arange(rows) * stride] = torch.arange(rows)
+    return index
+
+
+@pytest.mark.parametrize("fixed", [True, False], ids=["v2", "v1"])
+def test_the_buffer_is_sized_by_the_heads_own_rows_not_the_target_vocabulary(weight, fixed):
+    """Defect 1: a pruned head has fewer rows than the target has ids; a buffer sized from the target's vocabulary
+    makes the 'restricted' V2 head multiply more rows than the head itself holds."""
+    vocab = ActiveVocab(weight[:12], V, slots=2, core_ids=[0], capacity=16, buffer_capacity=32,
+                        draft_index=pruned_index(12), fixed=fixed)
+    assert vocab.buffer_capacity == 12 and vocab.buffer_rows.shape[0] == 12 and vocab.capacity == 12
+    vocab.admit("a", [5, 10, 11], slot=0)  # 11 cannot be drafted
+    vocab.flush()
+    if fixed:
+        logits = vocab.graph_logits(torch.randn(1, H), slots(0))
+        vocab.read_counters()
+        assert vocab.stats.scored_sum == 12  # the head's 12 rows, not min(32, V = 64)
+    else:
+        logits = vocab.logits(torch.randn(1, H), ["a"], None)
+    assert finite(logits) == [{0, 5, 10}]
+
+
+def empty_set_restriction(weight):
+    from nanospec_vllm.restriction import Restriction, Settings
+
+    rows = HeadRows(weight[:8], V, pruned_index(8, stride=2))  # draftable: 0, 2, ..., 14
+    return Restriction(Settings(static_core=(), capacity=8, buffer_capacity=8), slots=SLOTS, vocab_size=V,
+                       runner="v2", rows=lambda: rows, transform=LogitTransform)
+
+
+def test_a_batch_of_empty_set_requests_is_not_reported_as_unrestricted(weight):
+    """Defect 5: requests with nothing draftable (no core) draft from the reserved set; that is the restriction
+    applying, and a proposal made only of such rows must not raise the 'did not apply' warning."""
+    restriction = empty_set_restriction(weight)
+    restriction.admit("a", [1, 3, 5], slot=0)
+    restriction.admit("b", [7], slot=2)
+    restriction.begin_v2(calls=3, real=True)
+    restriction.row_slots = slots(0, 2, -1)
+    for _ in range(3):
+        assert finite(restriction.logits(torch.randn(3, H), None)) == [{0}, {0}, {0}]  # the reserved set
+    restriction.end_step()
+    stats = restriction.stats_json()
+    assert restriction.stats.shortfall() is None and stats["restricted_every_step"]
+    assert stats["steps"] == 3 and stats["fallback_rows"] == 6

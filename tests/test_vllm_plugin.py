@@ -22,3 +22,15 @@ def test_vllm_plugin_suite_passes_in_its_own_environment():
                          cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and " skipped" not in run.stdout, run.stdout[-2000:]
+
+
+def test_the_version_check_names_both_versions_and_accepts_a_local_build():
+    """Defect 6 (issue 35), without vLLM: the comparison hooks.check() logs at start-up."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "vllm_plugin"))
+    from nanospec_vllm.hooks import WRITTEN_FOR, version_warning
+
+    line = version_warning("0.33.1")
+    assert line and "0.33.1" in line and WRITTEN_FOR in line
+    assert version_warning(WRITTEN_FOR) is None and version_warning(WRITTEN_FOR + "+cpu") is None

@@ -38,6 +38,8 @@ from .rows import HeadRows
 from .scoring import LogitTransform, score_fixed, score_union
 from .stats import DraftStats
 
+HEADROOM = 8  # a rebuild must leave buffer_capacity / HEADROOM entries free beyond the ids that asked for it
+
 
 class ActiveVocab:
     """Active sets of up to `slots` live requests over a vocabulary of `vocab_size` target ids (module docstring).
@@ -52,11 +54,16 @@ class ActiveVocab:
         if capacity < 1 or buffer_capacity < capacity:
             raise ValueError(f"need 1 <= capacity ({capacity}) <= buffer_capacity ({buffer_capacity})")
         self.rows = rows if isinstance(rows, HeadRows) else HeadRows(rows, vocab_size, draft_index)
-        self.vocab_size, self.capacity, self.fixed = vocab_size, capacity, fixed
+        self.vocab_size, self.fixed = vocab_size, fixed
         weight = self.rows.weight
         device, hidden = weight.device, weight.shape[1]
-        self.buffer_capacity = min(buffer_capacity, vocab_size)
         self.draftable = self.rows.draftable
+        # The buffer never needs more entries than the head has rows (a pruned EAGLE-3 head: its d2t rows, ~32k of a
+        # 152k vocabulary); V2 multiplies all of them every call, so sizing it from the target's vocabulary would
+        # score more rows than vLLM's own head does.
+        head_rows = vocab_size if self.draftable is None else len(self.draftable)
+        self.buffer_capacity = max(1, min(buffer_capacity, head_rows))
+        self.capacity = min(capacity, self.buffer_capacity)
         self.core = self._draftable(core_ids)
         if len(self.core) > capacity:
             raise ValueError(f"the static core ({len(self.core)} ids) does not fit the capacity {capacity}")
@@ -65,6 +72,7 @@ class ActiveVocab:
             self.buffer_rows = torch.zeros(self.buffer_capacity, hidden, dtype=dtype or weight.dtype, device=device)
             self.member = torch.zeros(slots + 1, self.buffer_capacity, dtype=torch.bool, device=device)
             self.slot_live = torch.zeros(slots + 1, dtype=torch.bool, device=device)
+            self.slot_held = torch.zeros(slots + 1, dtype=torch.bool, device=device)  # a request holds the slot
             self.counters = torch.zeros(4, dtype=torch.long, device=device)  # V2: calls, rows, active ids, fallbacks
         self.reserved = slots
         self.used = 0  # buffer entries filled
@@ -77,6 +85,7 @@ class ActiveVocab:
         self.pending_ids: list[int] = []  # buffer entries decided on the host, rows not gathered yet
         self.pending_marks: list[tuple[int, int]] = []  # (slot, buffer position) memberships not written yet
         self.pending_live: dict[int, bool] = {}  # slot -> slot_live value not written yet
+        self.pending_held: list[int] = []  # slots taken by a request, slot_held not written yet
         self.stats = DraftStats()
         self.fallback = self.core or [self.rows.first_draftable()]  # the reserved set: never empty
         self._step: tuple[tuple, torch.Tensor] | None = None  # V1: this step's rows and their slots on the device
@@ -127,6 +136,9 @@ class ActiveVocab:
         for slot, live in self.pending_live.items():
             self.slot_live[slot] = live
         self.pending_live = {}
+        for slot in self.pending_held:
+            self.slot_held[slot] = True
+        self.pending_held = []
 
     def admit(self, request: str, token_ids=(), slot: int | None = None) -> None:
         """A request enters with the ids known for it (prompt, and outputs when it resumes). `slot`: the runner's
@@ -142,6 +154,7 @@ class ActiveVocab:
                 self.release(holder)
             self.free.remove(slot)
         self.slot_of[request], self.active[request] = slot, set()
+        self.pending_held.append(slot)
         self.stats.requests += 1
         self._grow(request, [*self.core, *self._draftable(token_ids)])
         self._set_live(request)
@@ -167,11 +180,13 @@ class ActiveVocab:
                 return
             new = new[:self.capacity - len(active)]
             self._cap(request)
-        if self.used + len([i for i in new if i not in self.position]) > self.buffer_capacity:
-            self._rebuild()  # before `active` takes the new ids: they are counted once, below
-            fresh = [i for i in new if i not in self.position]
+        fresh = [i for i in new if i not in self.position]
+        if self.used + len(fresh) > self.buffer_capacity:
+            if self._worth_rebuilding(len(fresh)):
+                self._rebuild()  # before `active` takes the new ids: they are counted once, below
+                fresh = [i for i in new if i not in self.position]
             room = self.buffer_capacity - self.used
-            if len(fresh) > room:  # the live union alone fills the buffer
+            if len(fresh) > room:  # the live union alone fills the buffer (or compacting it would not pay)
                 if not self.fixed:
                     self.full_slots.add(slot)
                     return
@@ -194,12 +209,24 @@ class ActiveVocab:
         self.stats.note_release(len(self.active.pop(request)))
         self.pending_marks = [mark for mark in self.pending_marks if mark[0] != slot]
         self.pending_live.pop(slot, None)
+        self.pending_held = [held for held in self.pending_held if held != slot]
         self.member[slot].zero_()
         self.slot_live[slot] = False
+        self.slot_held[slot] = False
         self.full_slots.discard(slot)
         self.capped.discard(request)
         self.free.append(slot)
         self._step = None
+
+    def _worth_rebuilding(self, fresh: int) -> bool:
+        """A rebuild re-gathers every live row, so it runs only when it frees room for the `fresh` ids plus an eighth
+        of the buffer: at most one rebuild per buffer_capacity / 8 new entries, never one per step near capacity
+        (a request that does not fit otherwise falls back, V1, or stops growing, V2, as after a futile rebuild)."""
+        live = set(self.fallback)
+        for request, slot in self.slot_of.items():
+            if slot not in self.full_slots:
+                live |= self.active[request]
+        return len(live) + fresh + max(1, self.buffer_capacity // HEADROOM) <= self.buffer_capacity
 
     def _rebuild(self) -> None:
         """Compact the buffer to the reserved set plus the live requests' ids (finished requests' rows dropped)."""
@@ -278,8 +305,8 @@ class ActiveVocab:
     def graph_logits(self, hidden: torch.Tensor, row_slots: torch.Tensor,
                      transform: LogitTransform = LogitTransform()) -> torch.Tensor:
         """V2 (fixed shapes, device-only): row r scores the set of request-state slot row_slots[r] (scoring.py)."""
-        return score_fixed(hidden, self.buffer_rows, self.buffer_ids, self.member, self.slot_live, row_slots,
-                           self.vocab_size, transform, self.counters)
+        return score_fixed(hidden, self.buffer_rows, self.buffer_ids, self.member, self.slot_live, self.slot_held,
+                           row_slots, self.vocab_size, transform, self.counters)
 
     def read_counters(self) -> None:
         """Fold the device counters of V2 draft calls into the stats (reads the device: at stats time only)."""

@@ -12,7 +12,8 @@ device before the draft step runs, in both runners:
 
 A step's tokens are copied to pinned host memory with a non-blocking copy and an event behind it (`stage`), and read
 at the next step (`resolve`), by when the copy has long finished: a committed token joins its request's set at the
-next draft step, as it did when the host's lists were read, and the host never waits on the device mid-step. On the
+next draft step, as it did when the host's lists were read. The host never waits on the device mid-step: `ready()`
+asks the event (query, no wait), and a copy still running is left for a later step. On the
 CPU the copy is synchronous and the event is not needed. The request of each row is fixed when the tokens are
 staged (V2 reuses a freed index for a new request before the next step).
 """
@@ -46,10 +47,12 @@ class StagedTokens:
     state_requests: dict | None
     event: object = None
 
+    def ready(self) -> bool:
+        """The copy has landed (asked without waiting; always on the CPU)."""
+        return self.event is None or bool(self.event.query())
+
     def resolve(self, vocab_size: int) -> dict[str, list[int]]:
-        """{request: its committed ids of that step, in order}. Waits for the copy (finished by now)."""
-        if self.event is not None:
-            self.event.synchronize()
+        """{request: its committed ids of that step, in order}. Call once ready(): it does not wait."""
         tokens = self.tokens.numpy()
         counts = None if self.counts is None else self.counts.numpy()
         requests = self.requests

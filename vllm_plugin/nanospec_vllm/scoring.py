@@ -16,7 +16,8 @@ restricted to the set: zero outside it, summing to one over it, so rejection sam
   with -inf) and no column is written by thousands of entries. Rows without a live set (a padded row, index -1, or
   a request whose set is empty) score the reserved last membership row (the static core, or one draftable id), so
   no row is all -inf (softmax would be NaN and a greedy argmax id 0, outside any set). The counters
-  [calls, rows, active ids, fallback rows] are added on the device: the same kernels run at every graph replay.
+  [calls, rows, active ids, fallback rows] are added on the device: the same kernels run at every graph replay; a
+  call counts when one of its rows is a request's (a batch of empty sets drafts from the reserved set: restricted).
 """
 from __future__ import annotations
 
@@ -58,20 +59,22 @@ def score_union(hidden: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, all
 
 
 def score_fixed(hidden: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, member: torch.Tensor,
-                slot_live: torch.Tensor, row_slots: torch.Tensor, vocab_size: int, transform: LogitTransform,
-                counters: torch.Tensor) -> torch.Tensor:
-    """hidden [R, H], rows [C, H], ids [C], member [S + 1, C] (last row: reserved), slot_live [S + 1],
-    row_slots [R] (request-state index, -1 for a padded row), counters [4] long (added to) -> logits [R, V]."""
+                slot_live: torch.Tensor, slot_held: torch.Tensor, row_slots: torch.Tensor, vocab_size: int,
+                transform: LogitTransform, counters: torch.Tensor) -> torch.Tensor:
+    """hidden [R, H], rows [C, H], ids [C], member [S + 1, C] (last row: reserved), slot_live [S + 1] (a restricted
+    set), slot_held [S + 1] (a request), row_slots [R] (request-state index, -1 for a padded row), counters [4] long
+    (added to) -> logits [R, V]. A call counts when a row belongs to a request, restricted set or reserved one."""
     reserved = member.shape[0] - 1
     index = row_slots.long()
-    live = (index >= 0) & slot_live[index.clamp(min=0)]  # [R]
+    held = (index >= 0) & slot_held[index.clamp(min=0)]  # [R] rows of requests
+    live = held & slot_live[index.clamp(min=0)]  # [R] rows of requests with a restricted set
     slot = torch.where(live, index, reserved)
     allowed = member[slot]  # [R, C]
     sub = transform(F.linear(hidden.to(rows.dtype), rows))  # [R, C]
     sub = sub.masked_fill(~allowed, NEG_INF)
     out = sub.new_full((hidden.shape[0], vocab_size), NEG_INF)
     out.scatter_reduce_(1, ids.unsqueeze(0).expand(hidden.shape[0], -1), sub, reduce="amax", include_self=True)
-    counted = torch.stack([live.any().long(), live.sum(), (allowed & live.unsqueeze(1)).sum(),
-                           (~live & (index >= 0)).sum()])
+    counted = torch.stack([held.any().long(), live.sum(), (allowed & live.unsqueeze(1)).sum(),
+                           (held & ~live).sum()])
     counters.add_(counted)
     return out

@@ -40,6 +40,8 @@ class DraftStats:
     finished: int = 0  # requests released
     finished_active_sum: int = 0  # sum of their final set sizes
     commits: int = 0  # committed ids read back from the device's sampled tokens
+    deferred_copies: int = 0  # steps whose sampled-token copy had not landed yet: read a step later, never waited on
+    sampled_steps: int = 0  # V2: engine steps that sampled tokens (each should be followed by a hooked proposal)
 
     def note_proposal(self, calls: int) -> None:
         self.proposals += 1
@@ -50,20 +52,31 @@ class DraftStats:
         self.finished_active_sum += final_size
 
     @property
+    def unhooked_steps(self) -> int:
+        """V2 engine steps that sampled tokens without a hooked proposal (the propose wrapper did not run)."""
+        return max(self.sampled_steps - self.proposals, 0)
+
+    @property
     def restricted_every_step(self) -> bool:
-        return self.proposals > 0 and self.unrestricted_calls == 0 and self.steps >= self.expected_calls
+        return (self.proposals > 0 and self.unrestricted_calls == 0 and self.steps >= self.expected_calls
+                and self.unhooked_steps == 0)
 
     def to_json(self) -> dict:
         rows = max(self.rows, 1)
         return {**asdict(self), "avg_active": self.active_sum / rows,
                 "avg_scored_rows": self.scored_sum / max(self.steps, 1),
                 "avg_final_active": self.finished_active_sum / max(self.finished, 1),
-                "coverage": self.steps / max(self.expected_calls, 1),
+                "coverage": self.steps / max(self.expected_calls, 1), "unhooked_steps": self.unhooked_steps,
                 "restricted_every_step": self.restricted_every_step}
 
     def shortfall(self) -> str | None:
-        """One line when the restriction did not apply to every draft call of the proposals seen (None when it did,
-        or before any proposal)."""
+        """One line when the restriction did not apply to every draft call of the proposals seen, or when engine steps
+        drafted without a hooked proposal (None when neither, or before any step)."""
+        if self.unhooked_steps:
+            return (f"nanospec: the propose wrapper did not run in {self.unhooked_steps} engine steps of "
+                    f"{self.sampled_steps} that sampled tokens ({self.runner} runner; a speculator overriding propose?"
+                    " see nanospec_vllm/hooks.py): their draft calls were not checked against the restriction, and "
+                    "the sets reached the device only at the sampled tokens' flush")
         if self.proposals == 0 or self.restricted_every_step:
             return None
         missed = max(self.expected_calls - self.steps, 0) + self.unrestricted_calls

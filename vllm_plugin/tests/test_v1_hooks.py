@@ -264,3 +264,22 @@ def test_an_unmapped_call_inside_a_proposal_is_reported(monkeypatch, target_head
         stats = model.nanospec_stats()
     assert not stats["restricted_every_step"] and stats["unrestricted_calls"] == K
     assert "did not apply" in caplog.text
+
+
+def test_another_vllm_version_is_named_at_start_up(monkeypatch, caplog):
+    """Defect 6 (issue 35): the hooks were written for one vLLM; another one starts with a warning naming both."""
+    import logging
+
+    import vllm
+
+    from nanospec_vllm import hooks
+
+    monkeypatch.setattr(vllm, "__version__", "0.33.1")
+    with caplog.at_level(logging.WARNING, logger="vllm.nanospec"):
+        hooks.check()
+    assert "0.33.1" in caplog.text and hooks.WRITTEN_FOR in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(vllm, "__version__", hooks.WRITTEN_FOR + "+cpu")  # the CPU build's local version
+    with caplog.at_level(logging.WARNING, logger="vllm.nanospec"):
+        hooks.check()
+    assert "written for" not in caplog.text

@@ -285,3 +285,32 @@ def test_a_pruned_head_and_a_reload_keep_working_inside_the_graph_buffers(monkey
     v2_step(runner, requests, ["a", "b"], {"b": [304]},
             check=lambda s, r: check_scored(s, r, CORE, reference, draftable=draftable))
     assert [t.data_ptr() for t in (vocab.buffer_rows, vocab.member, vocab.buffer_ids)] == where
+
+
+class OwnPropose(FakeSpeculator):
+    """A speculator subclass with its own propose, which the plugin's wrapper (on the base class) never sees."""
+
+    def propose(self, *args, **kwargs):
+        return FakeSpeculator.propose.__wrapped__(self, *args, **kwargs)
+
+
+def test_a_propose_the_hooks_miss_is_reported_and_the_sets_still_reach_the_device(monkeypatch, target_head, caplog):
+    """Defect 2 (issue 35): without the propose wrapper nothing is flushed before the draft and no proposal is
+    counted. That degraded mode must show (a counter, the warning, restricted_every_step False), and the host's
+    writes still reach the device: they are flushed when the step's sampled tokens arrive."""
+    import logging
+
+    model, runner = v2_engine(monkeypatch, target_head)
+    runner.speculator = OwnPropose(model, SLOTS)
+    requests = {"a": Request([100, 101]), "b": Request([300])}
+
+    def check(scored, state):
+        check_scored(scored, state, CORE, target_head)
+
+    with caplog.at_level(logging.WARNING, logger="vllm.nanospec"):
+        for step in range(3):
+            v2_step(runner, requests, ["a", "b"], {"a": [110 + step], "b": [310 + step]},
+                    joined=["a", "b"] if step == 0 else (), check=check)
+        stats = model.nanospec_stats()
+    assert stats["proposals"] == 0 and stats["unhooked_steps"] == 2 and not stats["restricted_every_step"]
+    assert "propose" in caplog.text and "2 engine steps" in caplog.text
