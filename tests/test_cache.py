@@ -1,0 +1,86 @@
+"""The cache that survives restarts: where it is (NANOSPEC_CACHE, a Space's persistent /data, home), a probe keyed
+per CPU model, and a start on a warm cache that converts and probes nothing and says so in one line."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from nanospec_core import cache, machine
+from nanospec_core.cache import CacheState
+from nanospec_core.models import loading
+from tests.conftest import tiny_hf_model
+
+
+def test_nanospec_cache_wins_then_persistent_storage_then_home(tmp_path, monkeypatch):
+    monkeypatch.delenv("NANOSPEC_CACHE", raising=False)
+    monkeypatch.setattr(cache, "PERSISTENT_STORAGE", tmp_path / "absent")
+    assert cache.cache_dir() == Path.home() / ".cache" / "nanospec" and "home folder" in cache.cache_place()
+    mount = tmp_path / "data"
+    mount.mkdir()
+    monkeypatch.setattr(cache, "PERSISTENT_STORAGE", mount)
+    assert cache.cache_dir() == mount / "nanospec" and cache.cache_place() == "persistent storage"
+    assert loading.cache_dir() == mount / "nanospec"  # the conversions and the probe use the same folder
+    assert machine._cache_file() == mount / "nanospec" / "machine.json"
+    monkeypatch.setenv("NANOSPEC_CACHE", str(tmp_path / "mine"))
+    assert cache.cache_dir() == tmp_path / "mine" and cache.cache_place() == "NANOSPEC_CACHE"
+
+
+def test_the_probe_is_cached_per_cpu_model(tmp_path, monkeypatch):
+    """Storage that moves to other hardware keeps its entries, but another CPU model measures again."""
+    calls = []
+
+    def probe(shapes, device, dtypes, layouts):
+        calls.append(device)
+        return {f"{d}/{lay}/{part}/{n}": 1.0 for d in dtypes for lay in layouts
+                for part in ("backbone", "lm_head") for n in (1, machine.PROBE_ROWS)}
+
+    config, path = tiny_hf_model().config, tmp_path / "machine.json"
+    monkeypatch.setattr(machine, "machine_name", lambda device: "CPU A, 2 threads")
+    assert not machine.choose_runtime(config, "cpu", "auto", probe, path).from_cache and len(calls) == 1
+    assert machine.choose_runtime(config, "cpu", "auto", probe, path).from_cache and len(calls) == 1
+    monkeypatch.setattr(machine, "machine_name", lambda device: "CPU B, 2 threads")
+    assert not machine.choose_runtime(config, "cpu", "auto", probe, path).from_cache and len(calls) == 2
+
+
+def test_the_start_up_line_says_where_and_what_was_warm(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOSPEC_CACHE", str(tmp_path))
+    warm = CacheState(model_converted=True, probe_cached=True, costs_cached=None)
+    assert warm.warm and warm.line() == (f"cache {tmp_path} (NANOSPEC_CACHE): warm (model converted earlier, "
+                                         "probe cached)")
+    cold = CacheState(model_converted=False, probe_cached=True, costs_cached=False)
+    assert not cold.warm and cold.line().endswith("cold (model converted now, probe cached, tree costs measured now)")
+
+
+@pytest.fixture
+def packaged_tiny(tiny_model_dir, tmp_path, monkeypatch):
+    """A packaged model whose converted folder is already in NANOSPEC_CACHE (the tiny model), nothing else cached."""
+    key = "tiny-packaged"
+    model = loading.PackagedModel(key=key, title="tiny", packages=("none",), version="0", part_file="x",
+                                  sha256="0" * 64)
+    monkeypatch.setitem(loading.PACKAGED, key, model)
+    monkeypatch.setenv("NANOSPEC_CACHE", str(tmp_path / "cache"))
+    shutil.copytree(tiny_model_dir, tmp_path / "cache" / "models" / key)
+    return key
+
+
+def test_a_restart_on_a_warm_cache_converts_and_probes_nothing(packaged_tiny, monkeypatch, capsys):
+    from nanospec_core.views.session_cache import SessionCache
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the packaged model was converted again")
+
+    probes = []
+    measured = machine.probe_costs
+    monkeypatch.setattr(loading, "assemble_parts", refuse)
+    monkeypatch.setattr(loading, "convert_gguf", refuse)
+    monkeypatch.setattr(machine, "probe_costs", lambda *a, **k: probes.append(1) or measured(*a, **k, repeats=1))
+    SessionCache(packaged_tiny, dtype="auto", head="random").get(packaged_tiny)  # the first start probes
+    first = capsys.readouterr().out
+    assert len(probes) == 1 and "cold (model converted earlier, probe measured now)" in first
+    SessionCache(packaged_tiny, dtype="auto", head="random").get(packaged_tiny)  # a restart: a new process's cache
+    again = capsys.readouterr().out
+    assert len(probes) == 1, "the restart probed the machine again"
+    line = next(line for line in again.splitlines() if "cache " in line)
+    assert line.endswith(f"cache {cache.cache_dir()} (NANOSPEC_CACHE): warm (model converted earlier, probe cached)")
