@@ -252,3 +252,17 @@ def test_no_token_or_a_bad_repo_is_one_clear_error(tmp_path, monkeypatch, capsys
     assert main(["space", "--repo", "not a repo", "--dry-run"]) == 2
     with pytest.raises(NanoSpecError, match="would hold the repository"):
         space.build_space(ROOT.parent, space.HARDWARE["cpu-basic"])
+
+
+def test_shipped_weights_are_real_files_not_lfs_pointers():
+    """Heads stay plain git blobs (README: a Git LFS pointer would reach every clone without git-lfs): each shipped
+    safetensors file starts with its header length and a JSON header, not 'version https://git-lfs...'."""
+    import struct
+
+    weights = sorted((ROOT / "assets").rglob("*.safetensors"))
+    assert weights and not (ROOT / ".gitattributes").exists()
+    for path in weights:
+        head = path.read_bytes()[:64]
+        assert not head.startswith(b"version https://git-lfs"), path
+        header_bytes = struct.unpack("<Q", head[:8])[0]
+        assert 0 < header_bytes < path.stat().st_size and head[8:9] == b"{", path
