@@ -31,6 +31,7 @@ from .errors import NanoSpecError
 from .paths import ASSETS, REPO
 
 APP_FILE = "app.py"
+MARK = "# Written by `python -m nanospec_core space`"  # heads the Space's requirements.txt: a folder it may replace
 PACKAGE = "nanospec_core"
 XET_ABOVE_BYTES = 10 * 1024 * 1024  # the Hub keeps larger files out of plain git whatever their content
 DRY_RUN_OUT = Path("space_out")  # --dry-run's folder when --out is not given (git ignores it)
@@ -149,8 +150,7 @@ def requirement_name(line: str) -> str:
 
 def space_requirements(hardware: Hardware, root: Path = REPO) -> str:
     """The Space's requirements.txt: the runtime set with the variant's pins, its index line and extras."""
-    lines = ["# Written by `python -m nanospec_core space`: the runtime set of the repository's requirements.txt.",
-             f"# {hardware.why}"]
+    lines = [f"{MARK}: the runtime set of the repository's requirements.txt.", f"# {hardware.why}"]
     if hardware.extra_index:
         lines.append(f"--extra-index-url {hardware.extra_index}")
     for line in runtime_requirements(root):
@@ -198,8 +198,9 @@ def build_space(out: Path, hardware: Hardware, root: Path = REPO) -> list[Path]:
     out = Path(out)
     if out.resolve() == root.resolve() or root.resolve().is_relative_to(out.resolve()):
         raise NanoSpecError(f"--out {out} would hold the repository itself: choose a new folder")
-    if out.exists():
-        if not (out / APP_FILE).is_file() and any(out.iterdir()):
+    if out.exists():  # only a folder this command wrote earlier is replaced
+        written = (out / "requirements.txt").is_file() and (out / "requirements.txt").read_text().startswith(MARK)
+        if any(out.iterdir()) and not written:
             raise NanoSpecError(f"--out {out} exists and is not a Space folder: choose a new or empty folder")
         shutil.rmtree(out)
     for source in space_sources(root):

@@ -252,6 +252,13 @@ def test_no_token_or_a_bad_repo_is_one_clear_error(tmp_path, monkeypatch, capsys
     assert main(["space", "--repo", "not a repo", "--dry-run"]) == 2
     with pytest.raises(NanoSpecError, match="would hold the repository"):
         space.build_space(ROOT.parent, space.HARDWARE["cpu-basic"])
+    other = tmp_path / "other"
+    (other / "app.py").parent.mkdir()
+    (other / "app.py").write_text("someone else's app")
+    with pytest.raises(NanoSpecError, match="not a Space folder"):  # never emptied: this command did not write it
+        space.build_space(other, space.HARDWARE["cpu-basic"])
+    assert (other / "app.py").read_text() == "someone else's app"
+    space.build_space(tmp_path / "t", space.HARDWARE["cpu-basic"])  # a folder it wrote is replaced
 
 
 def test_shipped_weights_are_real_files_not_lfs_pointers():
