@@ -65,22 +65,45 @@ def packaged_tiny(tiny_model_dir, tmp_path, monkeypatch):
     return key
 
 
-def test_a_restart_on_a_warm_cache_converts_and_probes_nothing(packaged_tiny, monkeypatch, capsys):
+@pytest.fixture
+def calibrated_head(tmp_path):
+    """A random EAGLE-3 head for the tiny model with an acceptance table: the tree chooser measures cost curves."""
+    import numpy as np
+    import torch
+
+    from nanospec_core.decoding.tree_choice import save_acceptance
+    from nanospec_core.models.eagle import random_head
+    from nanospec_core.models.eagle_checkpoint import save_head
+    from nanospec_core.models.target import TargetModel
+
+    folder = tmp_path / "head"
+    save_head(random_head(TargetModel(tiny_hf_model()), "eagle3", seed=1, tied_lm_head=True), folder,
+              dtype=torch.float32)
+    save_acceptance(folder, np.zeros((16, 3), dtype=np.int64), {"note": "every draft accepted (made up)"})
+    return str(folder)
+
+
+def test_a_restart_on_a_warm_cache_converts_and_probes_nothing(packaged_tiny, calibrated_head, monkeypatch, capsys):
+    from nanospec_core import profiling
     from nanospec_core.views.session_cache import SessionCache
 
     def refuse(*args, **kwargs):
         raise AssertionError("the packaged model was converted again")
 
-    probes = []
-    measured = machine.probe_costs
+    probes, curves = [], []
+    measured, curves_of = machine.probe_costs, profiling.tree_costs
     monkeypatch.setattr(loading, "assemble_parts", refuse)
     monkeypatch.setattr(loading, "convert_gguf", refuse)
     monkeypatch.setattr(machine, "probe_costs", lambda *a, **k: probes.append(1) or measured(*a, **k, repeats=1))
-    SessionCache(packaged_tiny, dtype="auto", head="random").get(packaged_tiny)  # the first start probes
+    monkeypatch.setattr(profiling, "tree_costs", lambda *a: curves.append(1) or curves_of(*a))
+    SessionCache(packaged_tiny, dtype="auto", head=calibrated_head).get(packaged_tiny)  # the first start measures
     first = capsys.readouterr().out
-    assert len(probes) == 1 and "cold (model converted earlier, probe measured now)" in first
-    SessionCache(packaged_tiny, dtype="auto", head="random").get(packaged_tiny)  # a restart: a new process's cache
+    assert len(probes) == len(curves) == 1
+    assert "cold (model converted earlier, probe measured now, tree costs measured now)" in first
+    SessionCache(packaged_tiny, dtype="auto", head=calibrated_head).get(packaged_tiny)  # a restart, a new process
     again = capsys.readouterr().out
     assert len(probes) == 1, "the restart probed the machine again"
+    assert len(curves) == 1, "the restart measured the tree's cost curves again"
     line = next(line for line in again.splitlines() if "cache " in line)
-    assert line.endswith(f"cache {cache.cache_dir()} (NANOSPEC_CACHE): warm (model converted earlier, probe cached)")
+    assert line.endswith(f"cache {cache.cache_dir()} (NANOSPEC_CACHE): warm (model converted earlier, probe cached, "
+                         "tree costs cached)")
