@@ -249,7 +249,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repo", required=True, help="the Space's id on the Hub, USER/NAME")
     parser.add_argument("--hardware", default="cpu-basic", choices=list(HARDWARE),
                         help="which requirements and Python the Space gets (cpu-basic: torch's CPU build)")
-    parser.add_argument("--out", default=None, help=f"write the folder here (default: {DRY_RUN_OUT} with --dry-run, else a temporary folder)")
+    parser.add_argument("--out", default=None,
+                        help=f"write the folder here (default: {DRY_RUN_OUT} with --dry-run, else a temporary folder)")
     parser.add_argument("--dry-run", action="store_true", help="build and list the folder; upload nothing")
     parser.add_argument("--private", action="store_true", help="create the Space private")
 
