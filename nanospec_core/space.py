@@ -123,7 +123,8 @@ def app_modules(root: Path = REPO) -> list[Path]:
 def asset_files(assets: Path = ASSETS) -> list[Path]:
     """assets/, every file (hidden files and caches aside), relative to the repository."""
     return sorted(p.relative_to(assets.parent) for p in assets.rglob("*")
-                  if p.is_file() and not any(part.startswith(".") or part == "__pycache__" for part in p.parts))
+                  if p.is_file() and not any(part.startswith(".") or part == "__pycache__"
+                                             for part in p.relative_to(assets).parts))
 
 
 def space_sources(root: Path = REPO) -> list[Path]:
