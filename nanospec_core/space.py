@@ -59,15 +59,18 @@ class Hardware:
     extra_index: str | None = None  # a pip --extra-index-url line at the top of the Space's requirements.txt
     extra: tuple[str, ...] = ()  # requirements only this variant needs
     why: str = ""  # the reason for the pins, written as a comment into the Space's requirements.txt
+    suggested: str | None = None  # the front matter's suggested_hardware (None: left out)
 
 
 HARDWARE = {
     # CPU Basic: the CPU wheel of torch (PyPI's is the multi-GB CUDA build), the repository's own versions.
     "cpu-basic": Hardware("cpu-basic", "3.11", {"torch": "2.13.0+cpu"}, extra_index=CPU_WHEELS,
-                          why="torch's CPU build from download.pytorch.org: PyPI's linux torch is the CUDA build"),
+                          why="torch's CPU build from download.pytorch.org: PyPI's linux torch is the CUDA build",
+                          suggested="cpu-basic"),
     # ZeroGPU: the Hub's ZeroGPU page lists Python 3.10.13 and torch 2.1.0-2.8.0 (the CUDA build from PyPI);
     # transformers 5.23 and pandas 3 need Python 3.11, so their last releases for 3.10. `spaces` is ZeroGPU's
-    # package (app.py imports it before torch and sizes every @spaces.GPU call from its request).
+    # package (app.py imports it before torch and sizes every @spaces.GPU call from its request). The Spaces
+    # configuration reference lists no ZeroGPU value for suggested_hardware: the card leaves it out.
     "zero-gpu": Hardware("zero-a10g", "3.10.13", {"torch": "2.8.0", "transformers": "5.20.2", "pandas": "2.3.3"},
                          extra=("spaces",),
                          why="ZeroGPU: Python 3.10.13 and a torch it lists (2.8.0); the last transformers and "
@@ -174,7 +177,8 @@ def space_readme(hardware: Hardware, root: Path = REPO) -> str:
     """README.md for the Space: the repository's front matter with this variant's python and hardware."""
     config = front_matter(root)
     config = re.sub(r"(?m)^python_version:.*$", f'python_version: "{hardware.python_version}"', config)
-    config = re.sub(r"(?m)^suggested_hardware:.*$", f"suggested_hardware: {hardware.flavor}", config)
+    suggested = f"suggested_hardware: {hardware.suggested}\n" if hardware.suggested else ""
+    config = re.sub(r"(?m)^suggested_hardware:.*\n", suggested, config)
     return f"---\n{config}---\n\n{SPACE_BODY}"
 
 

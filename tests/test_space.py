@@ -101,8 +101,10 @@ def test_the_front_matter_is_the_hubs_space_configuration(folder, tmp_path):
         assert {card.colorFrom, card.colorTo} <= {"red", "yellow", "green", "blue", "indigo", "purple", "pink", "gray"}
         assert card.suggested_storage in ("small", "medium", "large")
         hardware = space.HARDWARE[variant]
-        assert card.python_version == hardware.python_version and card.suggested_hardware == hardware.flavor
+        assert card.python_version == hardware.python_version
+        assert card.to_dict().get("suggested_hardware") == hardware.suggested
     assert cards["cpu-basic"].python_version == "3.11" and cards["zero-gpu"].python_version == "3.10.13"
+    assert cards["cpu-basic"].suggested_hardware == "cpu-basic" and "suggested_hardware" not in cards["zero-gpu"]
     assert space.front_matter() in (ROOT / "README.md").read_text()  # the repository's own card, as written
 
 
