@@ -1,8 +1,8 @@
 """NanoSpec demo: plain decoding, plain EAGLE and EAGLE + NanoSpec side by side, a round view of the draft trees
 and the temporal-locality view. `python app.py`: the embedded Qwen2.5-Coder-0.5B-Instruct with its shipped head.
 Environment (defaults): NANOSPEC_MODEL ('embedded'), NANOSPEC_DTYPE (auto: measured, machine.py), NANOSPEC_HEAD
-(the shipped head), NANOSPEC_QUESTIONS (Benchmark tab), NANOSPEC_ANY_MODEL=1 (hub ids, local folders),
-GRADIO_SERVER_NAME / _PORT. Wiring only: runs in nanospec_core.compare, views in nanospec_core.views.
+(the shipped head), NANOSPEC_QUESTIONS (Benchmark tab), NANOSPEC_ANY_MODEL=1 (hub ids, local folders), NANOSPEC_CACHE
+(cache.py), GRADIO_SERVER_NAME / _PORT. Wiring only: runs in nanospec_core.compare, views in nanospec_core.views.
 """
 from __future__ import annotations
 
