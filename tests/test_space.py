@@ -246,6 +246,12 @@ def test_the_upload_creates_a_gradio_space_and_sends_the_folder(capsys):
     assert upload == "upload_folder" and sent["repo_id"] == "someone/nanospec" and sent["repo_type"] == "space"
     assert sent["delete_patterns"] == "*" and {"app.py", "README.md", "requirements.txt"} <= files
     assert not Path(sent["folder_path"]).exists()  # the temporary folder is gone after the upload
+    from inspect import signature
+
+    from huggingface_hub import HfApi
+
+    signature(HfApi.create_repo).bind(HfApi(), repo, **options)  # the fake's calls are the real client's calls
+    signature(HfApi.upload_folder).bind(HfApi(), **sent)
     assert "uploaded: https://huggingface.co/spaces/someone/nanospec/commit/abc" in capsys.readouterr().out
 
 
