@@ -1,8 +1,8 @@
 """NanoSpec demo: plain decoding, plain EAGLE and EAGLE + NanoSpec side by side, a round view of the draft trees
 and the temporal-locality view. `python app.py`: the embedded Qwen2.5-Coder-0.5B-Instruct with its shipped head.
 Environment (defaults): NANOSPEC_MODEL ('embedded'), NANOSPEC_DTYPE (auto: measured, machine.py), NANOSPEC_HEAD
-(the shipped head), NANOSPEC_QUESTIONS (Benchmark tab), NANOSPEC_ANY_MODEL=1 (hub ids, local folders),
-GRADIO_SERVER_NAME / _PORT. Wiring only: runs in nanospec_core.compare, views in nanospec_core.views.
+(the shipped head), NANOSPEC_QUESTIONS (Benchmark tab), NANOSPEC_ANY_MODEL=1 (hub ids, local folders), NANOSPEC_CACHE
+(cache.py), GRADIO_SERVER_NAME / _PORT. Wiring only: runs in nanospec_core.compare, views in nanospec_core.views.
 """
 from __future__ import annotations
 
@@ -11,10 +11,15 @@ import sys
 import time
 import traceback
 
+try:  # ZeroGPU Spaces: `spaces` before torch (it patches CUDA's start), GPU time per call sized from the request
+    import spaces
+except ImportError:  # everywhere else the decorator below changes nothing
+    spaces = None
+
 import gradio as gr
 import torch
 
-from nanospec_core.views import locality_view, ui
+from nanospec_core.views import locality_view, ui, zero_gpu
 from nanospec_core.compare import DEFAULT_METHODS, RunTrace, compare_runs, first_difference, top2_margin
 from nanospec_core.config import METHODS, GenerationConfig
 from nanospec_core.errors import NanoSpecError
@@ -25,14 +30,7 @@ from nanospec_core.session import Session
 from nanospec_core.views.session_cache import SessionCache
 from nanospec_core.views.why import why_markdown
 
-try:  # Hugging Face ZeroGPU Spaces: request a GPU for the generation function; a no-op everywhere else
-    import spaces
-
-    GPU = spaces.GPU
-except ImportError:
-    def GPU(fn):
-        return fn
-
+GPU = (lambda duration: spaces.GPU(duration=duration)) if spaces else (lambda duration: lambda fn: fn)  # noqa: E731
 MODEL = os.environ.get("NANOSPEC_MODEL", "embedded")
 DTYPE = os.environ.get("NANOSPEC_DTYPE", "auto")  # Session picks the fastest dtype measured on the device
 HEAD = os.environ.get("NANOSPEC_HEAD") or None
@@ -165,7 +163,7 @@ class View:
 D = ui.DEFAULTS
 
 
-@GPU
+@GPU(zero_gpu.compare_seconds)
 def compare(prompt: str, model: str = MODEL, max_new_tokens=D["max_new_tokens"], temperature=D["temperature"],
             seed=D["seed"], depth=D["depth"], top_k=D["top_k"], total_tokens=D["total_tokens"],
             capacity=D["capacity"], prompt_topk=D["prompt_topk"], node_topk=D["node_topk"],
@@ -212,6 +210,7 @@ def question_categories() -> list[str]:
         return []
 
 
+@GPU(zero_gpu.benchmark_seconds)
 def benchmark(categories, limit, max_new_tokens, methods, model, *settings, progress=gr.Progress()):
     """A small Spec-Bench run through nanospec_core.bench.runner: its markdown tables and two charts."""
     from nanospec_core.bench.runner import load_questions, run_benchmark

@@ -1,4 +1,4 @@
-"""Command line: python -m nanospec_core {generate | bench | serve-bench | train-head | calibrate-head | export-head | ...}
+"""Command line: python -m nanospec_core {generate | bench | serve-bench | train-head | calibrate-head | space | ...}
 
 Errors end the process with exit code 2 and one line on stderr (no traceback) for bad arguments, unknown models
 and bad files.
@@ -287,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     loc.add_argument("--records", required=True, help="per_prompt.jsonl written by the bench command")
     loc.add_argument("--questions", default=None, help="the questions file the bench ran (default: Spec-Bench)")
     loc.set_defaults(func=cmd_locality)
+
+    space = sub.add_parser("space", help="build the Hugging Face Space folder and upload it (--dry-run: list it)")
+    from .space import add_arguments as space_arguments, run as space_run
+
+    space_arguments(space)
+    space.set_defaults(func=space_run)
 
     micro = sub.add_parser("microbench", help="subset lm head vs full lm head at active sizes 256..8192")
     micro.add_argument("--rows", type=int, default=10, help="hidden rows per call (draft nodes per level)")

@@ -41,6 +41,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .cache import cache_dir
 from .config import DTYPES
 from .errors import NanoSpecError
 
@@ -94,6 +95,7 @@ class RuntimeChoice:
     probe_s: float = 0.0
     machine: str = ""  # CPU model (or GPU name) and thread count
     costs: dict[str, float] = field(default_factory=dict)  # the probe's timings (ms), see Probe
+    from_cache: bool = False  # read from machine.json by this call (no probe ran): the start-up line's "warm"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -241,8 +243,6 @@ def decide(costs: dict[str, float], dtypes: tuple[str, ...], layouts: tuple[str,
 # The cached choice
 
 def _cache_file() -> Path:
-    from .models.loading import cache_dir
-
     return cache_dir() / "machine.json"
 
 
@@ -265,12 +265,13 @@ def write_cache(path: Path, entries: dict) -> None:
         pass
 
 
-def choose_runtime(hf_config, device: str = "auto", dtype: str = "auto", probe: Probe = probe_costs,
+def choose_runtime(hf_config, device: str = "auto", dtype: str = "auto", probe: Probe | None = None,
                    cache: Path | None | bool = True, rows: tuple[int, ...] = (1, PROBE_ROWS)) -> RuntimeChoice:
     """Resolve device, dtype and layout for a model config: measured (or cached), or the user's dtype.
 
-    probe: injectable for tests; cache: True = cache_dir()/machine.json, a path, or False/None for none.
-    rows: the batch sizes the probe times (decoding: 1 and PROBE_ROWS; training and extraction: BULK_ROWS).
+    probe: injectable for tests (default probe_costs); cache: True = cache_dir()/machine.json, a path, or
+    False/None for none. rows: the batch sizes the probe times (decoding: 1 and PROBE_ROWS; training and
+    extraction: BULK_ROWS).
     """
     device = resolve_device(device)
     if dtype != "auto" and dtype not in DTYPES:
@@ -289,15 +290,14 @@ def choose_runtime(hf_config, device: str = "auto", dtype: str = "auto", probe: 
     path = _cache_file() if cache is True else (Path(cache) if cache else None)
     entries = read_cache(path) if path else {}
     if key in entries:
-        choice = RuntimeChoice(**{**entries[key], "source": "cached" if dtype == "auto" else "given"})
-        return choice
+        return RuntimeChoice(**{**entries[key], "source": "cached" if dtype == "auto" else "given", "from_cache": True})
     started = time.perf_counter()
     with torch.inference_mode():
-        costs = probe(shapes, device, dtypes, layouts, rows=rows)
+        costs = (probe or probe_costs)(shapes, device, dtypes, layouts, rows=rows)
     decision = decide(costs, dtypes, layouts, rows=rows)
     choice = RuntimeChoice(device=device, source="measured" if dtype == "auto" else "given",
                            probe_s=time.perf_counter() - started, machine=machine, costs=costs, **decision)
     if path:
-        entries[key] = {k: v for k, v in asdict(choice).items() if k != "source"}
+        entries[key] = {k: v for k, v in asdict(choice).items() if k not in ("source", "from_cache")}
         write_cache(path, entries)
     return choice

@@ -1,8 +1,8 @@
 """Where the project's files are, found from the package, never from the working directory.
 
-The shipped assets (EAGLE heads, frequency tables) sit beside the package in assets/; the Spec-Bench questions in
-the shared data folder next to the repository. NANOSPEC_ASSETS and NANOSPEC_QUESTIONS point elsewhere (an
-installed copy, a Space, a CI checkout with other folders).
+The shipped assets (EAGLE heads, frequency tables, Spec-Bench's questions for the benchmark) sit beside the package
+in assets/, so a Space built from the repository (space.py) finds them too. NANOSPEC_ASSETS and NANOSPEC_QUESTIONS
+point elsewhere (an installed copy, a CI checkout with other folders).
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent
 REPO = PACKAGE.parent
 ASSETS = Path(os.environ.get("NANOSPEC_ASSETS", REPO / "assets"))
-DEFAULT_QUESTIONS = Path(os.environ.get("NANOSPEC_QUESTIONS",
-                                        REPO.parent / "shared" / "data" / "spec_bench" / "question.jsonl"))
+# Spec-Bench (github.com/hemingkx/Spec-Bench, Apache-2.0): evaluation only, no head or asset is built from it
+DEFAULT_QUESTIONS = Path(os.environ.get("NANOSPEC_QUESTIONS", ASSETS / "spec_bench" / "question.jsonl"))
 # Head kinds a model may ship, the default first. Only EAGLE-3 ships for the embedded target: its EAGLE-2 head was
 # removed because a third of its training conversations came from ShareGPT's evaluation range (records >= 8,000).
 # `--head eagle2` loads one again wherever assets/heads/<model>/eagle2 holds a head trained on allowed records.

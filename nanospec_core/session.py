@@ -21,8 +21,8 @@ from .decoding.tree_choice import TreeChoice, choose_tree, interpolate, load_acc
 from .decoding.plain import hf_generate, plain_decode
 from .errors import NanoSpecError
 from .metrics import RunSummary, StepStats, summarize
-from .machine import RuntimeChoice, choose_runtime
-from .models.loading import cache_dir, load_model, resolve_model_dir
+from .machine import RuntimeChoice, choose_runtime, read_cache
+from .models.loading import cache_dir, is_converted, load_model, resolve_model_dir
 from .models.target import TargetModel
 from .paths import HEAD_KINDS, shipped_head_dir
 
@@ -65,6 +65,7 @@ class Session:
     def __init__(self, model: str = "embedded", dtype: str = "auto", device: str = "auto",
                  head: str | None = None, progress: bool = True):
         self.model_name, self.head_source = model, head
+        self.converted_before = is_converted(model)  # None: not a packaged model (cache.py's start-up line)
         self.runtime: RuntimeChoice = choose_runtime(model_config(model, progress), device=device, dtype=dtype)
         self.dtype = self.runtime.torch_dtype
         self.loaded = load_model(model, dtype=self.dtype, device=self.runtime.device, progress=progress,
@@ -153,6 +154,14 @@ class Session:
     def tree_costs(self) -> dict[str, dict[int, float]]:
         """This machine's cost curves for the loaded model and head (profiling.tree_costs), measured once, cached."""
         return self._tree_costs()
+
+    def tree_costs_cached(self) -> bool | None:
+        """Whether this machine's cost curves for the loaded model and head are already cached; None when the head
+        has no acceptance table (a fixed tree: nothing to measure). Loads the head."""
+        self.head  # noqa: B018 (the key names the head's folder)
+        if load_acceptance(self._head_dir) is None:
+            return None
+        return self._costs_key() in read_cache(cache_dir() / "tree_costs.json")
 
     def _costs_key(self) -> str:
         r = self.runtime

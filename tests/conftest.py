@@ -104,10 +104,11 @@ def free_port() -> int:
 
 
 class AppServer:
-    """`python app.py` in a subprocess on a free port (its log in a file); `url` once it answers HTTP."""
+    """`python app.py` in a subprocess on a free port (its log in a file); `url` once it answers HTTP. root: the
+    folder app.py runs from (the repository by default); env_extra: more environment, None values unset."""
 
     def __init__(self, model: str, log_path, dtype: str = "float32", head: str | None = "random",
-                 threads: int | None = 1):
+                 threads: int | None = 1, root=None, env_extra: dict | None = None):
         import subprocess
         import sys
         from pathlib import Path
@@ -121,9 +122,11 @@ class AppServer:
             env["OMP_NUM_THREADS"] = str(threads)
         if head:
             env["NANOSPEC_HEAD"] = head
+        env.update(env_extra or {})
+        env = {key: value for key, value in env.items() if value is not None}
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "w")
-        root = Path(__file__).resolve().parent.parent
+        root = Path(root or Path(__file__).resolve().parent.parent)  # the repository, or a Space folder
         self.process = subprocess.Popen([sys.executable, "app.py"], cwd=root, env=env, stdout=self._log,
                                         stderr=subprocess.STDOUT)
 

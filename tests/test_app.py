@@ -151,9 +151,13 @@ def test_session_cache_keeps_at_most_two_models_and_notes_random_heads(monkeypat
             built.append((name, head))
             self.head = object()
             self.runtime = RuntimeChoice(device="cpu", dtype=dtype, source="given")
+            self.converted_before = None  # not a packaged model (the cache's start-up line)
 
         def tree_choice(self):
             return TreeChoice.fixed(TreeConfig(), "fake")
+
+        def tree_costs_cached(self):
+            return None
 
     monkeypatch.setattr(session_cache, "Session", FakeSession)
     cache = app.SessionCache(default_model="a", dtype="float32", head=None, size=2, any_model=True)

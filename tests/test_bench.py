@@ -70,11 +70,14 @@ def test_load_questions_rejects_unknown_category_and_bad_limit(tmp_path):
         load_questions(path, limit=0)
 
 
-def test_spec_bench_file_loads_when_present():
+def test_spec_bench_ships_inside_the_repository_and_loads():
+    """The benchmark's default questions live in assets/ (a Space built from the repository carries them)."""
     from nanospec_core.bench.runner import DEFAULT_QUESTIONS
+    from nanospec_core.paths import ASSETS
 
-    if not DEFAULT_QUESTIONS.is_file():
-        pytest.skip("shared Spec-Bench data not present")
+    assert DEFAULT_QUESTIONS == ASSETS / "spec_bench" / "question.jsonl" and DEFAULT_QUESTIONS.is_file()
+    assert (ASSETS / "spec_bench" / "LICENSE").read_text().startswith("Apache License")
+    assert len(load_questions(DEFAULT_QUESTIONS)) == 480
     questions = load_questions(DEFAULT_QUESTIONS, categories=["translation", "coding"], limit=3)
     assert [q.category for q in questions] == ["coding", "translation"] * 3
 

@@ -243,3 +243,55 @@ def test_calibration_prompts_come_from_allowed_records_no_head_trained_on():
                   for place in found]
         assert places and any(n < SHAREGPT_EVAL_FROM for n, _ in places), task[:200]
         assert not any(f"sharegpt:{base}" in trained or base in drawn for _, base in places), places
+
+
+# --- Spec-Bench stays evaluation-only ------------------------------------------------------------------------
+
+SPEC_BENCH_MIN_CHARS = 40  # a normalised turn this long inside a prompt is a copy, not a common phrase
+
+
+def spec_bench_turns() -> list[str]:
+    from nanospec_core.paths import DEFAULT_QUESTIONS
+
+    return [turn for line in DEFAULT_QUESTIONS.read_text().splitlines() if line.strip()
+            for turn in json.loads(line)["turns"]]
+
+
+def spec_bench_leaks(prompts: dict[str, str], turns: list[str]) -> list[str]:
+    """Training prompts (key -> decoded text) that equal or contain a Spec-Bench turn, after normalise()."""
+    normalised = {key: normalise(text) for key, text in prompts.items()}
+    whole = {normalise(turn) for turn in turns}
+    problems = [f"{key}: its prompt is a Spec-Bench turn" for key, text in normalised.items() if text in whole]
+    joined = "\n".join(normalised.values())  # one search per turn over every prompt at once
+    for turn in sorted(t for t in whole if len(t) >= SPEC_BENCH_MIN_CHARS):
+        if turn in joined:
+            problems += [f"{key}: its prompt contains the Spec-Bench turn {turn[:60]!r}"
+                         for key, text in normalised.items() if turn in text and text != turn]
+    return problems
+
+
+def test_the_spec_bench_check_catches_a_copied_turn():
+    turns = ["Compose an engaging travel blog post about a recent trip to Hawaii.", "Hi"]
+    clean = {"a": "Write a poem about the sea.", "b": "hi there"}  # a short turn inside a prompt is no copy
+    assert spec_bench_leaks(clean, turns) == []
+    assert len(spec_bench_leaks({**clean, "c": "compose an engaging travel blog post about a recent trip to "
+                                              "HAWAII"}, turns)) == 1
+    assert len(spec_bench_leaks({**clean, "d": "user: Compose an engaging travel blog post about a recent trip "
+                                              "to Hawaii. Thanks! assistant:"}, turns)) == 1
+
+
+def test_no_committed_training_prompt_comes_from_spec_bench():
+    """The benchmark's questions ship for evaluation only: no training item's normalised first turn is a Spec-Bench
+    turn (the manifest's norm hashes), and no training prompt, decoded, equals or contains one."""
+    from nanospec_core.models.loading import resolve_model_dir
+
+    turns = spec_bench_turns()
+    assert len(turns) > 480  # MT-Bench's questions have two turns
+    bench_norms = {norm_hash(turn) for turn in turns}
+    items = [item for item in corpus.read_corpus(EMBEDDED, check=False) if item["meta"]["split"] == "train"]
+    assert items and not [i["meta"]["key"] for i in items if i["meta"]["norm"] in bench_norms]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir("embedded"), local_files_only=True)
+    texts = tokenizer.batch_decode([item["prompt_ids"] for item in items], skip_special_tokens=True)
+    assert spec_bench_leaks({item["meta"]["key"]: text for item, text in zip(items, texts)}, turns) == []

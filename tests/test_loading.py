@@ -80,7 +80,10 @@ def files_under(root: pathlib.Path) -> list[pathlib.Path]:
 
 
 def test_cache_dir_defaults_to_home_and_honours_nanospec_cache(tmp_path, monkeypatch):
+    from nanospec_core import cache
+
     monkeypatch.delenv("NANOSPEC_CACHE", raising=False)
+    monkeypatch.setattr(cache, "PERSISTENT_STORAGE", tmp_path / "no-data")  # as on a machine without /data
     assert loading.cache_dir() == pathlib.Path.home() / ".cache" / "nanospec"
     monkeypatch.setenv("NANOSPEC_CACHE", str(tmp_path / "elsewhere"))
     assert loading.cache_dir() == tmp_path / "elsewhere"

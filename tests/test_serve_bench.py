@@ -1,4 +1,5 @@
 """serve-bench's report (nanospec_core/bench/serve.py), from phase results as nanospec_vllm.phase writes them."""
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,44 @@ def test_a_phase_decodes_batch_1_on_the_first_prompts_and_larger_batches_in_wave
     calls.clear()
     four = measure(None, decode, inputs, 4, speculative=False, batch1_prompts=3)
     assert calls == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]] and four["outputs"] == [[k, k] for k in range(10)]
+
+
+def readme_vllm_lines() -> list[str]:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## NanoSpec in vLLM"):]
+    block = section[section.index("```bash"):section.index("```", section.index("```bash") + 3)]
+    return [line for line in block.splitlines() if "vllm" in line and not line.lstrip().startswith("#")]
+
+
+def test_the_readmes_vllm_lines_bound_their_memory():
+    """vLLM's CPU build reserves 92% of RAM unless told otherwise: every engine the README starts on the CPU sizes
+    its KV cache, and the CUDA server line says the GPU share it may take."""
+    lines = readme_vllm_lines()
+    cpu = [line for line in lines if "LLM(" in line or "vllm.entrypoints.openai.api_server" in line]
+    cuda = [line for line in lines if line.startswith("vllm serve ")]
+    assert len(cpu) == 2 and all(line.startswith("VLLM_CPU_KVCACHE_SPACE=2 ") for line in cpu)
+    assert len(cuda) == 1 and "--gpu-memory-utilization 0.5" in cuda[0]
+
+
+def test_serve_bench_bounds_the_cpu_kv_cache_and_passes_the_gpu_share(tmp_path, monkeypatch):
+    import argparse
+    import json as json_module
+
+    from nanospec_core.bench import serve
+
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    args = parser.parse_args(["--kv-cache-gib", "3", "--gpu-memory-utilization", "0.4"])
+    assert args.kv_cache_gib == 3 and args.gpu_memory_utilization == 0.4
+    assert parser.parse_args([]).kv_cache_gib == 2 and parser.parse_args([]).gpu_memory_utilization is None
+    seen = {}
+
+    def call(command, cwd, env, stdout, stderr):
+        seen["env"] = env
+        Path(command[-1]).write_text(json_module.dumps({"1": {}}))
+        return 0
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.setattr(serve.subprocess, "call", call)
+    serve.run_phase(Path(sys.executable), {"model": "m"}, tmp_path, "plain", kv_cache_gib=3)
+    assert seen["env"]["VLLM_CPU_KVCACHE_SPACE"] == "3"

@@ -65,6 +65,7 @@ def test_the_graph_sees_lazy_imports():
 
 
 TOOLING = ("nanospec_core.bench", "nanospec_core.training", "nanospec_core.__main__", "nanospec_core.cli_args",
+           "nanospec_core.space",
            "nanospec_core.views")
 
 

