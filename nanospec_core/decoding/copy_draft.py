@@ -1,0 +1,135 @@
+"""Copy drafting: continuations of the latest committed tokens found earlier in the context (prompt + output).
+
+Temporal locality at the level of phrases: summaries, answers from a passage, extractions, code edits copy spans of
+their context. When the last n committed tokens occurred before, what followed them then is a likely continuation
+now (prompt lookup decoding, Saxena 2023; SAM-Decoding, Hu et al. 2024, merges such matches into EAGLE-2's tree).
+
+Index (incremental, never a rescan): for every n in min_ngram..max_ngram, n-gram -> its end positions (ascending).
+Committing the token at position i adds ctx[i-n+1 .. i] -> i for each n: O(max_ngram) per token.
+Query, with T the last position: for n = max_ngram down to min_ngram, the suffix s = ctx[T-n+1 .. T]; every earlier
+end p < T of s, most recent first (at most SCAN_PER_NGRAM of them), proposes ctx[p+1 .. p+length], whose source span
+is [p+1, p+1+len). A proposal equal to, or a prefix of, one already taken adds nothing to the tree: skipped.
+
+    >>> drafter = CopyDrafter(CopyConfig(max_ngram=2, branches=2, length=3)); drafter.begin([5, 6, 7, 8, 5, 6])
+    >>> [(c.tokens, c.start, c.match) for c in drafter.candidates()]
+    [([7, 8, 5], 2, 2)]
+
+Acceptance per depth: a copied token at chain depth d is worth drafting when P(tokens 1..d right) reaches the
+break-even of one more verify node (CopyConfig.min_accept, set by tree_choice.choose_copy). P is the product of
+conditional rates a_j = P(token j right | tokens before it right), estimated online per request:
+    a_j = (accepted_j + w * prior_j) / (tried_j + w)       (Beta smoothing: w pseudo-counts of the prior)
+tried_j counts the drafted chains whose first j-1 tokens were accepted (so token j was really judged).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..config import CopyConfig
+
+SCAN_PER_NGRAM = 8  # earlier occurrences examined per suffix length: bounds a query on long runs of one token
+
+
+@dataclass
+class CopyCandidate:
+    tokens: list[int]  # the continuation copied from the context
+    start: int  # context position of tokens[0]: the source span is [start, start + len(tokens))
+    match: int  # length of the suffix that matched before it (n of the n-gram)
+
+
+@dataclass
+class CopyBranch(CopyCandidate):
+    scores: list[float] = field(default_factory=list)  # cumulative log P(tokens 1..d right), d = 1..len(tokens): the tree's node scores
+
+
+class CopyAcceptance:
+    """Per-depth acceptance of copied tokens in one request: the prior, then the request's own counts."""
+
+    def __init__(self, cfg: CopyConfig):
+        self.cfg = cfg
+        self.tried = [0] * cfg.length
+        self.accepted = [0] * cfg.length
+
+    def conditional(self, depth: int) -> float:
+        """a_depth (1-based), Beta-smoothed toward the prior (the prior's last entry holds for deeper tokens)."""
+        prior = self.cfg.prior[min(depth, len(self.cfg.prior)) - 1]
+        w = self.cfg.prior_weight
+        return (self.accepted[depth - 1] + w * prior) / (self.tried[depth - 1] + w)
+
+    def chain_logp(self, length: int) -> list[float]:
+        """log P(tokens 1..d right) for d = 1..length: running sums of log a_j."""
+        total, out = 0.0, []
+        for depth in range(1, length + 1):
+            total += math.log(self.conditional(depth))
+            out.append(total)
+        return out
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        """One chain of `drafted` tokens of which the target accepted the first `accepted`."""
+        for depth in range(1, drafted + 1):
+            if accepted >= depth - 1:
+                self.tried[depth - 1] += 1
+                self.accepted[depth - 1] += accepted >= depth
+
+
+class CopyDrafter:
+    """The n-gram index over one request's context and the branches it proposes each round.
+
+    Engine calls: begin(prompt + [first token]); per round branches() -> the tree; after verify
+    observe(branches, accepted draft tokens) and extend(committed tokens).
+    """
+
+    def __init__(self, cfg: CopyConfig):
+        self.cfg = cfg
+        self.context: list[int] = []
+        self.ends: dict[tuple[int, ...], list[int]] = {}
+        self.acceptance = CopyAcceptance(cfg)
+
+    def begin(self, context: list[int]) -> None:
+        self.context, self.ends, self.acceptance = [], {}, CopyAcceptance(self.cfg)
+        self.extend(context)
+
+    def extend(self, tokens: list[int]) -> None:
+        """Append committed tokens; index the n-grams that end at each of them."""
+        for token in tokens:
+            self.context.append(int(token))
+            end = len(self.context) - 1
+            for n in range(self.cfg.min_ngram, min(self.cfg.max_ngram, end + 1) + 1):
+                self.ends.setdefault(tuple(self.context[end - n + 1:]), []).append(end)
+
+    def candidates(self) -> list[CopyCandidate]:
+        """Up to `branches` continuations of up to `length` tokens: longest match first, most recent first."""
+        ctx, last, cfg = self.context, len(self.context) - 1, self.cfg
+        found: list[CopyCandidate] = []
+        if cfg.branches == 0 or cfg.length == 0:
+            return found
+        for n in range(min(cfg.max_ngram, len(ctx)), cfg.min_ngram - 1, -1):
+            earlier = [p for p in reversed(self.ends.get(tuple(ctx[last - n + 1:]), ())) if p < last]
+            for p in earlier[:SCAN_PER_NGRAM]:
+                tokens = ctx[p + 1:p + 1 + cfg.length]
+                if any(c.tokens[:len(tokens)] == tokens for c in found):
+                    continue  # the same branch again, or a prefix of one taken: no new node
+                found.append(CopyCandidate(tokens, p + 1, n))
+                if len(found) == cfg.branches:
+                    return found
+        return found
+
+    def branches(self) -> list[CopyBranch]:
+        """The candidates cut where P(tokens 1..d right) falls under min_accept, with their node scores."""
+        floor = math.log(self.cfg.min_accept) if self.cfg.min_accept > 0 else -math.inf
+        out = []
+        for candidate in self.candidates():
+            scores = self.acceptance.chain_logp(len(candidate.tokens))
+            keep = sum(1 for s in scores if s >= floor)  # scores fall with depth: the kept ones are a prefix
+            if keep:
+                out.append(CopyBranch(candidate.tokens[:keep], candidate.start, candidate.match, scores[:keep]))
+        return out
+
+    def observe(self, drafted: list[list[int]], accepted_tokens: list[int]) -> None:
+        """drafted: each branch's tokens as they entered the tree; accepted_tokens: the round's accepted drafts
+        (root-down, bonus excluded). A branch starts at the root, so its accepted length is the common prefix."""
+        for tokens in drafted:
+            agree = 0
+            while agree < min(len(tokens), len(accepted_tokens)) and tokens[agree] == accepted_tokens[agree]:
+                agree += 1
+            self.acceptance.observe(len(tokens), agree)
