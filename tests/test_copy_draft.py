@@ -155,4 +155,32 @@ def test_dear_verify_nodes_buy_no_copy_branches_and_cheap_ones_do():
     assert none.max_nodes == 0 and none.min_accept == 1.0
     assert "none" in describe_copy(none) and "break-even" in describe_copy(chosen)
     lookup = choose_copy(cheap, round_ms=10.0, nodes=0, held=[])  # no head: copies are all there is
-    assert lookup.max_nodes == lookup.length * lookup.branches
+    assert lookup.max_nodes == lookup.length
+
+
+def test_the_session_sets_the_copy_budget_from_its_measured_tree_and_costs(tmp_path):
+    """Session.copy_choice: beside the chosen tree for the +copy methods, beside the plain step for lookup; the
+    fallback budget without an acceptance table."""
+    import numpy as np
+
+    from nanospec_core.config import TreeConfig
+    from nanospec_core.decoding.tree_choice import TreeChoice, save_acceptance
+    from nanospec_core.session import Session
+
+    save_acceptance(tmp_path, np.array([[0, 0], [0, 1], [1, 0], [3, 3]]), {})
+    session = Session.__new__(Session)  # the parts copy_choice reads, without loading a model
+    session._copy_choices, session._head_dir = {}, tmp_path
+    session._tree_choice = TreeChoice(TreeConfig(depth=2, top_k=2, total_tokens=4), 2.5, 100.0, 5.0, 20.0, "test",
+                                      plain_ms=10.0)
+    # verify tokens: the root + 4 head nodes = 5; "dear": every token past 5 costs 70 ms or more
+    curves = {"cheap": {1: 10.0, 5: 11.0, 64: 20.0}, "dear": {1: 10.0, 5: 11.0, 6: 80.0, 64: 600.0}}
+    budgets = {}
+    for name, verify in curves.items():
+        session._copy_choices = {}
+        session.tree_costs = lambda verify=verify: {"verify": verify, "level": {1: 1.0, 4: 2.0}}
+        budgets[name] = session.copy_choice("nanospec+copy").max_nodes, session.copy_choice("lookup").max_nodes
+        assert session.copy_choice("eagle+copy") is session.copy_choice("nanospec+copy")  # one for every head
+    assert budgets["cheap"][0] > 0 and budgets["cheap"][1] == CopyConfig().length
+    assert budgets["dear"] == (0, 4)  # beside the head's tree nothing pays; lookup verifies from 1 token: 4 are cheap
+    session._copy_choices, session._tree_choice = {}, TreeChoice.fixed(TreeConfig(), "no table")
+    assert session.copy_choice("lookup") == CopyConfig()

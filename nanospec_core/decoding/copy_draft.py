@@ -104,8 +104,8 @@ class CopyDrafter:
         if cfg.branches == 0 or cfg.length == 0:
             return found
         for n in range(min(cfg.max_ngram, len(ctx)), cfg.min_ngram - 1, -1):
-            earlier = [p for p in reversed(self.ends.get(tuple(ctx[last - n + 1:]), ())) if p < last]
-            for p in earlier[:SCAN_PER_NGRAM]:
+            ends = self.ends[tuple(ctx[last - n + 1:])]  # ascending; its last entry is the suffix itself (at last)
+            for p in reversed(ends[max(0, len(ends) - 1 - SCAN_PER_NGRAM):-1]):  # most recent earlier ones first
                 tokens = ctx[p + 1:p + 1 + cfg.length]
                 if any(c.tokens[:len(tokens)] == tokens for c in found):
                     continue  # the same branch again, or a prefix of one taken: no new node

@@ -224,7 +224,8 @@ def choose_copy(verify_ms: Callable[[int], float], round_ms: float, nodes: int, 
     depth d with c_d = prior_1 * ... * prior_d, independent of the head's own tree (either one holding depth d
     commits it):
         E[committed](L) = 1 + sum_d [1 - (1 - h_d)(1 - c_d)],  cost(L) = round_ms + verify_ms(nodes + 1 + L)
-                          - verify_ms(nodes + 1);   max_nodes = L* x branches (0: copies cannot pay here)
+                          - verify_ms(nodes + 1);   max_nodes = L* (0: copies cannot pay here), shared by the
+                          branches in their order (a later one gets the nodes an earlier, shorter one left)
     """
     base = base or CopyConfig()
 
@@ -242,7 +243,7 @@ def choose_copy(verify_ms: Callable[[int], float], round_ms: float, nodes: int, 
     best = max(range(base.length + 1), key=lambda length: (round(speed(length), 9), -length))
     tau = 1.0 + sum(held)
     node_ms = max(0.0, verify_ms(nodes + 2) - verify_ms(nodes + 1))
-    return replace(base, max_nodes=best * base.branches, min_accept=min(1.0, node_ms * tau / round_ms))
+    return replace(base, max_nodes=best, min_accept=min(1.0, node_ms * tau / round_ms))
 
 
 def describe_copy(copy: CopyConfig) -> str:
