@@ -80,7 +80,7 @@ class CopyDrafter:
     """
 
     def __init__(self, cfg: CopyConfig):
-        self.cfg = cfg
+        self.cfg, self.max_nodes = cfg, cfg.max_nodes
         self.context: list[int] = []
         self.ends: dict[tuple[int, ...], list[int]] = {}
         self.acceptance = CopyAcceptance(cfg)
@@ -133,3 +133,21 @@ class CopyDrafter:
             while agree < min(len(tokens), len(accepted_tokens)) and tokens[agree] == accepted_tokens[agree]:
                 agree += 1
             self.acceptance.observe(len(tokens), agree)
+
+
+class NoCopy:
+    """The copy drafter of a method without copy branches: it proposes nothing and keeps no index."""
+
+    max_nodes = 0
+
+    def begin(self, context: list[int]) -> None:
+        pass
+
+    def extend(self, tokens: list[int]) -> None:
+        pass
+
+    def branches(self) -> list[CopyBranch]:
+        return []
+
+    def observe(self, drafted: list[list[int]], accepted_tokens: list[int]) -> None:
+        pass

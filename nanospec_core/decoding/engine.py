@@ -26,7 +26,7 @@ from ..metrics import StepStats, TreeView
 from ..models.eagle import DraftHead
 from ..models.target import TargetModel
 from ..vocab.policies import VocabPolicy
-from .copy_draft import CopyDrafter
+from .copy_draft import CopyDrafter, NoCopy
 from .head_draft import HeadDrafter, NoHead
 from .host import read, to_device
 from .request import Request, Spans, choose, clip_tokens
@@ -45,9 +45,9 @@ def speculative_decode(target: TargetModel, head: DraftHead | None, policy: Voca
     generator = request.generator(device)
     prompt = request.prompt_ids.to(device)
     drafter = HeadDrafter(head, policy, tree_cfg, spans) if head is not None else NoHead(device)
-    copier = CopyDrafter(copy) if copy is not None else None
+    copier = CopyDrafter(copy) if copy is not None else NoCopy()
     # committed tokens + the largest pending tail: a verified tree (head nodes + copy nodes) or the fed draft levels
-    max_len = prompt.numel() + request.gen.max_new_tokens + drafter.pending + (copy.max_nodes if copy else 0) + 2
+    max_len = prompt.numel() + request.gen.max_new_tokens + drafter.pending + copier.max_nodes + 2
     target_cache = target.new_cache(max_len)
 
     # Prefill: every prompt position's features, and the target's top-k there to seed the active vocabulary.
@@ -57,8 +57,7 @@ def speculative_decode(target: TargetModel, head: DraftHead | None, policy: Voca
     root = choose(target.logits(out.hidden[-1:])[0], request, generator)
     specials = special_ids if special_ids is not None else torch.tensor(sorted(request.stop_ids), dtype=torch.long)
     drafter.begin(target, prompt, out, root, specials.to(device), max_len)
-    if copier is not None:
-        copier.begin(read(request.prompt_ids)[0] + [root])  # the context so far: prompt + first token
+    copier.begin(read(request.prompt_ids)[0] + [root])  # the context so far (host ids): prompt + first token
     tokens, done = clip_tokens([root], 0, request)
     produced = len(tokens)
     spans.add("prefill", t0)
@@ -71,11 +70,9 @@ def speculative_decode(target: TargetModel, head: DraftHead | None, policy: Voca
 
         # --- draft: the head's tree, then the copy branches merged into it -----------------------------
         t_draft = spans.mark()
-        tree = head_tree = drafter.draft()
-        branches, chains = [], []
-        if copier is not None:
-            branches = copier.branches()
-            tree, chains = add_branches(head_tree, [(b.tokens, b.scores) for b in branches], copy.max_nodes)
+        head_tree = drafter.draft()
+        branches = copier.branches()
+        tree, chains = add_branches(head_tree, [(b.tokens, b.scores) for b in branches], copier.max_nodes)
         spans.add("draft", t_draft)
 
         # --- verify ------------------------------------------------------------------------------------
@@ -90,10 +87,9 @@ def speculative_decode(target: TargetModel, head: DraftHead | None, policy: Voca
         committed_ids = to_device(committed, device)
         target_cache.commit(to_device(acceptance.path, device))  # root + accepted nodes; the bonus is the next root
         drafter.observe(tree, out, logits, acceptance, committed_ids, stats)
-        if copier is not None:
-            copier.observe([b.tokens[:len(nodes)] for b, nodes in zip(branches, chains)],
-                           acceptance.tokens[:acceptance.accept_len])
-            copier.extend(committed)
+        copier.observe([b.tokens[:len(nodes)] for b, nodes in zip(branches, chains)],
+                       acceptance.tokens[:acceptance.accept_len])
+        copier.extend(committed)
         root = acceptance.bonus
 
         stats.tokens, stats.accepted, stats.tree_size, stats.finished = committed, len(committed), len(tree), done
