@@ -67,17 +67,28 @@ def test_longest_match_first_then_most_recent_and_no_repeated_branch():
                    ([9, 8], 3, 2)]  # (2, 3) ended at 2
 
 
-def test_acceptance_starts_at_the_prior_and_learns_the_requests_rate():
-    cfg = CopyConfig(prior=(0.5, 0.8), prior_weight=4.0, length=4)
+def test_acceptance_starts_at_the_prior_and_learns_the_requests_rate_per_match_length():
+    cfg = CopyConfig(prior=(0.5, 0.8), prior_weight=4.0, length=4, max_ngram=3)
     acceptance = CopyAcceptance(cfg)
-    assert acceptance.conditional(1) == 0.5 and acceptance.conditional(3) == 0.8  # the last entry holds deeper
+    assert acceptance.conditional(1, 3) == 0.5 and acceptance.conditional(3, 3) == 0.8  # the last entry holds deeper
     for _ in range(40):
-        acceptance.observe(drafted=3, accepted=3)  # every copied token right
-    assert acceptance.conditional(1) > 0.95 and acceptance.conditional(3) > 0.95
-    acceptance.observe(drafted=3, accepted=0)  # rejected at depth 1: depths 2, 3 were never judged
-    assert acceptance.tried == [41, 40, 40, 0]
-    assert acceptance.chain_logp(2) == pytest.approx([math.log(acceptance.conditional(1)),
-                                                      math.log(acceptance.conditional(1) * acceptance.conditional(2))])
+        acceptance.observe(drafted=3, accepted=3, match=3)  # after 3-token matches every copied token is right ...
+        acceptance.observe(drafted=2, accepted=0, match=1)  # ... after 1-token matches none
+    assert acceptance.conditional(1, 3) > 0.95 and acceptance.conditional(3, 3) > 0.95
+    assert acceptance.conditional(1, 1) < 0.05 and acceptance.conditional(1, 2) == 0.5  # 2-token: the prior still
+    acceptance.observe(drafted=3, accepted=0, match=3)  # rejected at depth 1: depths 2, 3 were never judged
+    assert acceptance.tried[3] == [41, 40, 40, 0] and acceptance.tried[1] == [40, 0, 0, 0]
+    a1, a2 = acceptance.conditional(1, 3), acceptance.conditional(2, 3)
+    assert acceptance.chain_logp(2, 3) == pytest.approx([math.log(a1), math.log(a1 * a2)])
+
+
+def test_the_drafter_learns_from_what_entered_the_tree_and_was_accepted():
+    drafter = CopyDrafter(CopyConfig(max_ngram=2, length=3, branches=1))
+    drafter.begin([5, 6, 7, 8, 9, 5, 6])
+    (branch,) = drafter.branches()
+    assert (branch.tokens, branch.match) == ([7, 8, 9], 2)
+    drafter.observe([branch], [2], accepted_tokens=[7, 4])  # the budget let 2 tokens in; the target took 7, then 4
+    assert drafter.acceptance.tried[2] == [1, 1, 0] and drafter.acceptance.accepted[2] == [1, 0, 0]
 
 
 def test_branches_stop_where_the_acceptance_probability_falls_under_the_break_even():

@@ -16,9 +16,10 @@ is [p+1, p+1+len). A proposal equal to, or a prefix of, one already taken adds n
 
 Acceptance per depth: a copied token at chain depth d is worth drafting when P(tokens 1..d right) reaches the
 break-even of one more verify node (CopyConfig.min_accept, set by tree_choice.choose_copy). P is the product of
-conditional rates a_j = P(token j right | tokens before it right), estimated online per request:
-    a_j = (accepted_j + w * prior_j) / (tried_j + w)       (Beta smoothing: w pseudo-counts of the prior)
-tried_j counts the drafted chains whose first j-1 tokens were accepted (so token j was really judged).
+conditional rates a_j = P(token j right | tokens before it right), estimated online per request and per match length
+n (a continuation after a 4-token match is right more often than one after a single recurring token):
+    a_j(n) = (accepted_j(n) + w * prior_j) / (tried_j(n) + w)       (Beta smoothing: w pseudo-counts of the prior)
+tried_j(n) counts the drafted chains of match n whose first j-1 tokens were accepted (token j was really judged).
 """
 from __future__ import annotations
 
@@ -43,40 +44,42 @@ class CopyBranch(CopyCandidate):
 
 
 class CopyAcceptance:
-    """Per-depth acceptance of copied tokens in one request: the prior, then the request's own counts."""
+    """Per-depth acceptance of copied tokens in one request, per match length: the prior, then the request's own
+    counts (tried[n][d-1], accepted[n][d-1])."""
 
     def __init__(self, cfg: CopyConfig):
         self.cfg = cfg
-        self.tried = [0] * cfg.length
-        self.accepted = [0] * cfg.length
+        self.tried = {n: [0] * cfg.length for n in range(cfg.min_ngram, cfg.max_ngram + 1)}
+        self.accepted = {n: [0] * cfg.length for n in range(cfg.min_ngram, cfg.max_ngram + 1)}
 
-    def conditional(self, depth: int) -> float:
-        """a_depth (1-based), Beta-smoothed toward the prior (the prior's last entry holds for deeper tokens)."""
+    def conditional(self, depth: int, match: int) -> float:
+        """a_depth (1-based) after a match of `match` tokens, Beta-smoothed toward the prior (the prior's last entry
+        holds for deeper tokens)."""
         prior = self.cfg.prior[min(depth, len(self.cfg.prior)) - 1]
         w = self.cfg.prior_weight
-        return (self.accepted[depth - 1] + w * prior) / (self.tried[depth - 1] + w)
+        return (self.accepted[match][depth - 1] + w * prior) / (self.tried[match][depth - 1] + w)
 
-    def chain_logp(self, length: int) -> list[float]:
+    def chain_logp(self, length: int, match: int) -> list[float]:
         """log P(tokens 1..d right) for d = 1..length: running sums of log a_j."""
         total, out = 0.0, []
         for depth in range(1, length + 1):
-            total += math.log(self.conditional(depth))
+            total += math.log(self.conditional(depth, match))
             out.append(total)
         return out
 
-    def observe(self, drafted: int, accepted: int) -> None:
-        """One chain of `drafted` tokens of which the target accepted the first `accepted`."""
+    def observe(self, drafted: int, accepted: int, match: int) -> None:
+        """One chain of `drafted` tokens (after a match of `match`) whose first `accepted` the target accepted."""
         for depth in range(1, drafted + 1):
             if accepted >= depth - 1:
-                self.tried[depth - 1] += 1
-                self.accepted[depth - 1] += accepted >= depth
+                self.tried[match][depth - 1] += 1
+                self.accepted[match][depth - 1] += accepted >= depth
 
 
 class CopyDrafter:
     """The n-gram index over one request's context and the branches it proposes each round.
 
     Engine calls: begin(prompt + [first token]); per round branches() -> the tree; after verify
-    observe(branches, accepted draft tokens) and extend(committed tokens).
+    observe(branches, how many tokens of each entered the tree, accepted draft tokens) and extend(committed).
     """
 
     def __init__(self, cfg: CopyConfig):
@@ -119,20 +122,21 @@ class CopyDrafter:
         floor = math.log(self.cfg.min_accept) if self.cfg.min_accept > 0 else -math.inf
         out = []
         for candidate in self.candidates():
-            scores = self.acceptance.chain_logp(len(candidate.tokens))
+            scores = self.acceptance.chain_logp(len(candidate.tokens), candidate.match)
             keep = sum(1 for s in scores if s >= floor)  # scores fall with depth: the kept ones are a prefix
             if keep:
                 out.append(CopyBranch(candidate.tokens[:keep], candidate.start, candidate.match, scores[:keep]))
         return out
 
-    def observe(self, drafted: list[list[int]], accepted_tokens: list[int]) -> None:
-        """drafted: each branch's tokens as they entered the tree; accepted_tokens: the round's accepted drafts
-        (root-down, bonus excluded). A branch starts at the root, so its accepted length is the common prefix."""
-        for tokens in drafted:
+    def observe(self, branches: list[CopyBranch], entered: list[int], accepted_tokens: list[int]) -> None:
+        """entered: how many tokens of each branch made it into the tree (the node budget may cut one);
+        accepted_tokens: the round's accepted drafts (root-down, bonus excluded). A branch starts at the root, so
+        its accepted length is its common prefix with them."""
+        for branch, length in zip(branches, entered):
             agree = 0
-            while agree < min(len(tokens), len(accepted_tokens)) and tokens[agree] == accepted_tokens[agree]:
+            while agree < min(length, len(accepted_tokens)) and branch.tokens[agree] == accepted_tokens[agree]:
                 agree += 1
-            self.acceptance.observe(len(tokens), agree)
+            self.acceptance.observe(length, agree, branch.match)
 
 
 class NoCopy:
@@ -149,5 +153,5 @@ class NoCopy:
     def branches(self) -> list[CopyBranch]:
         return []
 
-    def observe(self, drafted: list[list[int]], accepted_tokens: list[int]) -> None:
+    def observe(self, branches: list[CopyBranch], entered: list[int], accepted_tokens: list[int]) -> None:
         pass

@@ -87,8 +87,7 @@ def speculative_decode(target: TargetModel, head: DraftHead | None, policy: Voca
         committed_ids = to_device(committed, device)
         target_cache.commit(to_device(acceptance.path, device))  # root + accepted nodes; the bonus is the next root
         drafter.observe(tree, out, logits, acceptance, committed_ids, stats)
-        copier.observe([b.tokens[:len(nodes)] for b, nodes in zip(branches, chains)],
-                       acceptance.tokens[:acceptance.accept_len])
+        copier.observe(branches, [len(nodes) for nodes in chains], acceptance.tokens[:acceptance.accept_len])
         copier.extend(committed)
         root = acceptance.bonus
 
