@@ -89,6 +89,9 @@ def test_the_drafter_learns_from_what_entered_the_tree_and_was_accepted():
     assert (branch.tokens, branch.match) == ([7, 8, 9], 2)
     drafter.observe([branch], [2], accepted_tokens=[7, 4])  # the budget let 2 tokens in; the target took 7, then 4
     assert drafter.acceptance.tried[2] == [1, 1, 0] and drafter.acceptance.accepted[2] == [1, 0, 0]
+    # only 1 token entered; the head drafted 8 too and the target took 7, 8, 9: the copy is judged on its token only
+    drafter.observe([branch], [1], accepted_tokens=[7, 8, 9])
+    assert drafter.acceptance.tried[2] == [2, 1, 0] and drafter.acceptance.accepted[2] == [2, 0, 0]
 
 
 def test_branches_stop_where_the_acceptance_probability_falls_under_the_break_even():
