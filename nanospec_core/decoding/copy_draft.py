@@ -40,7 +40,8 @@ class CopyCandidate:
 
 @dataclass
 class CopyBranch(CopyCandidate):
-    scores: list[float] = field(default_factory=list)  # cumulative log P(tokens 1..d right), d = 1..len(tokens): the tree's node scores
+    # the tree's node scores: cumulative log P(tokens 1..d right), d = 1..len(tokens)
+    scores: list[float] = field(default_factory=list)
 
 
 class CopyAcceptance:
