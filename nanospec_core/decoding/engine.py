@@ -128,8 +128,8 @@ def verify_tree(target: TargetModel, cache, aux_layers: tuple[int, ...], tree: D
     device = target.device
     ids = torch.cat([to_device([root], device), tree.tokens.to(device)])  # [n + 1]
     positions = cache.length + tree.position_offsets().to(device)
-    out = target.forward(ids, cache, positions=positions, tree_mask=tree.verify_mask().to(device),
-                         aux_layers=aux_layers)
+    mask = tree.verify_mask().to(device) if len(tree) else None  # the root alone: a plain decoding step
+    out = target.forward(ids, cache, positions=positions, tree_mask=mask, aux_layers=aux_layers)
     logits = target.logits(out.hidden)  # [n + 1, V]
     if request.gen.temperature <= 0:
         return verify_greedy(tree, logits), out, logits
