@@ -115,7 +115,7 @@ class View:
 
     def rounds_update(self, snap, done: bool) -> dict:
         """The slider, both trees and the details for the round to show now, and the state the slider reads."""
-        nanospec, eagle = snap["nanospec"], snap["eagle"]
+        nanospec, eagle = snap[LANES[2]], snap["eagle"]
         rounds = drafted_rounds(nanospec)
         if not rounds:
             return {}
@@ -130,7 +130,7 @@ class View:
 
     def render(self, snap, done: bool) -> tuple:
         now = self.last_update = time.perf_counter()
-        traces, eagle, nanospec = snap.traces, snap["eagle"], snap["nanospec"]
+        traces, eagle, nanospec = snap.traces, snap["eagle"], snap[LANES[2]]
         dtype = str(self.session.dtype).removeprefix("torch.")
         values = {
             "plain_text": traces[0].text, "eagle_text": eagle.text, "nanospec_text": nanospec.text,
@@ -194,7 +194,7 @@ def show_round(rounds, round_number):
         (model, dtype), traces = rounds
         by_method = {trace.method: trace for trace in traces}
         session = SESSIONS.get(model, dtype)
-        view = round_view(by_method["nanospec"], by_method.get("eagle"), round_number, session.decode,
+        view = round_view(by_method[LANES[2]], by_method.get("eagle"), round_number, session.decode,
                           session.target.vocab_size)
     except Exception as error:  # noqa: BLE001
         raise user_error(error) from None
@@ -263,7 +263,7 @@ def settings_controls(tree: dict, tree_info: str | None) -> list:
 
 def empty_charts() -> dict:
     """The charts before any run, axes for the default settings: the frames are in place (and plotly.js loaded)."""
-    left, right = RunTrace("eagle"), RunTrace("nanospec")
+    left, right = RunTrace("eagle"), RunTrace(LANES[2])
     axes = ui.ChartAxes(ui.DEFAULTS["max_new_tokens"], ui.DEFAULTS["capacity"])
     return {"vocab_plot": ui.vocab_hit_figure(right, axes), "latency_plot": ui.latency_figure(left, right, axes),
             "growth_plot": locality_view.growth_figure(right, axes.max_new_tokens)}

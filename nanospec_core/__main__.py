@@ -17,6 +17,7 @@ from .errors import NanoSpecError
 
 def cmd_generate(args) -> int:
     from .config import GenerationConfig
+    from .config import COPY_METHODS
     from .session import DRAFT_METHODS, Session
 
     decode_configs(args)  # bad tree settings fail before the model loads
@@ -30,7 +31,8 @@ def cmd_generate(args) -> int:
         prediction = session.tree_prediction(tree) if drafts else None
         print(json.dumps({**result.to_json(), "runtime": session.runtime.to_json(),
                           "tree": vars(tree) if drafts else None, "tree_choice": choice,
-                          "tree_prediction": prediction.to_json() if prediction else None}))
+                          "tree_prediction": prediction.to_json() if prediction else None,
+                          "copy": vars(session.copy_choice(args.method)) if args.method in COPY_METHODS else None}))
     else:
         s = result.summary
         print(result.text)

@@ -20,10 +20,14 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 # The one method registry the CLI, the benchmark and the app read: method -> its draft vocabulary policy (None for
-# the baselines without a draft). vanilla: our KV-cached loop; hf / hf-lookup: transformers generate (plain /
+# the methods without a draft head). vanilla: our KV-cached loop; hf / hf-lookup: transformers generate (plain /
 # prompt lookup); eagle: EAGLE-2 with the full-vocabulary lm head; static: FR-Spec's frequency top-K; nanospec.
-METHODS = {"vanilla": None, "hf": None, "hf-lookup": None, "eagle": "full", "static": "static", "nanospec": "nanospec"}
-DRAFT_METHODS = {method: policy for method, policy in METHODS.items() if policy}
+# '+copy': the same head tree plus branches copied from the context (decoding/copy_draft.py); lookup: copy branches
+# alone, no head (the peer of hf-lookup).
+METHODS = {"vanilla": None, "hf": None, "hf-lookup": None, "eagle": "full", "static": "static", "nanospec": "nanospec",
+           "lookup": None, "eagle+copy": "full", "static+copy": "static", "nanospec+copy": "nanospec"}
+DRAFT_METHODS = {method: policy for method, policy in METHODS.items() if policy}  # the methods that run the head
+COPY_METHODS = ("lookup", "eagle+copy", "static+copy", "nanospec+copy")  # their trees take copy branches
 
 
 # name: (low, high, integer?): the ONE table of setting bounds. The app's sliders and its API (ui.parse_settings)
@@ -116,3 +120,32 @@ class VocabConfig:
 
     def __post_init__(self):
         check_limits(self)
+
+
+@dataclass
+class CopyConfig:
+    """Copy branches: continuations of the latest tokens found earlier in the context (decoding/copy_draft.py).
+
+    The default a Session uses sets max_nodes and min_accept from this machine's verify costs (tree_choice.py,
+    choose_copy); these field defaults are the fallback without measured costs.
+    """
+
+    max_ngram: int = 4  # longest suffix matched first: a 4-token match predicts its continuation better than 1
+    min_ngram: int = 1  # shortest suffix tried when no longer one recurs (transformers' prompt lookup goes to 1)
+    branches: int = 2  # candidate continuations per round (most recent occurrence of the longest match first)
+    length: int = 8  # tokens per candidate: bounds the copied tokens one round can commit at length + 1
+    max_nodes: int = 16  # copy nodes a round may add to the tree (nodes merged with the head's tree are free)
+    min_accept: float = 0.0  # a copy node is drafted only if its estimated acceptance probability reaches this:
+    # the break-even of one more verify node (choose_copy); 0 = every candidate token within max_nodes
+    prior: tuple[float, ...] = (0.5, 0.7, 0.8)  # P(copied token d right | tokens before it right), d = 1, 2, 3+:
+    # a prior to start from (a guess, not a measurement); each request's own counts replace it as rounds go
+    prior_weight: float = 4.0  # pseudo-counts of the prior in the online estimate
+
+    def __post_init__(self):
+        if not 1 <= self.min_ngram <= self.max_ngram <= 16:
+            raise ValueError(f"CopyConfig: need 1 <= min_ngram <= max_ngram <= 16, got {self.min_ngram}, "
+                             f"{self.max_ngram}")
+        if self.branches < 0 or self.length < 0 or self.max_nodes < 0 or not self.prior:
+            raise ValueError("CopyConfig: branches, length and max_nodes must be >= 0, prior non-empty")
+        if not all(0.0 < p < 1.0 for p in self.prior) or self.prior_weight <= 0:
+            raise ValueError("CopyConfig: prior probabilities must lie in (0, 1), prior_weight > 0")

@@ -26,10 +26,15 @@ class TreeView:
     scores: list[float] = field(default_factory=list)
     path: list[int] = field(default_factory=list)
     bonus: int = -1
+    origins: list[str] | None = None  # per node: 'head', 'copy' (added by a copy branch), 'both' (head node copied too)
+    sources: list[int | None] | None = None  # per node: the context position a copy branch copied it from
 
     def to_json(self) -> dict:
-        return {"tokens": self.tokens, "parents": self.parents, "scores": [round(v, 4) for v in self.scores],
-                "path": self.path, "bonus": self.bonus}
+        row = {"tokens": self.tokens, "parents": self.parents, "scores": [round(v, 4) for v in self.scores],
+               "path": self.path, "bonus": self.bonus}
+        if self.origins is not None and any(origin != "head" for origin in self.origins):  # copies present
+            row.update(origins=self.origins, sources=self.sources)
+        return row
 
 
 @dataclass
@@ -51,6 +56,9 @@ class StepStats:
     prefill_ms: float = 0.0  # round 0 only
     finished: bool = False  # EOS or max_new_tokens reached
     tree: "TreeView | None" = None  # the round's draft tree and which path the target took (for the round view)
+    copy_nodes: int = 0  # tree nodes copy branches added this round (beyond the head's): their extra verify cost
+    copy_accepted: int = 0  # committed tokens those nodes held: what the copies gained beyond the head
+    copied: list[bool] | None = None  # per committed token: held by a copy-added node (the bonus never is)
 
     @property
     def hit(self) -> float | None:
@@ -62,7 +70,8 @@ class StepStats:
                "draft_ms": round(self.draft_ms, 3), "verify_ms": round(self.verify_ms, 3)}
         row.update(round=self.round, tree_size=self.tree_size, backbone_ms=round(self.backbone_ms, 3),
                    lm_head_ms=round(self.lm_head_ms, 3), gather_ms=round(self.gather_ms, 3),
-                   tree_ms=round(self.tree_ms, 3), fallback=self.fallback)
+                   tree_ms=round(self.tree_ms, 3), fallback=self.fallback, copy_nodes=self.copy_nodes,
+                   copy_accepted=self.copy_accepted)
         if self.tree is not None:
             row["tree"] = self.tree.to_json()
         return row
@@ -86,9 +95,16 @@ class RunSummary:
     tree_s: float = 0.0
     median_draft_ms: float | None = None
     fallback_rounds: int = 0
+    copy_nodes: int = 0  # tree nodes copy branches added, over all rounds
+    copy_tokens: int = 0  # committed tokens from copy-added nodes
+
+    @property
+    def copy_share(self) -> float:
+        """Share of the new tokens that came from copy branches (not the head, not a bonus)."""
+        return self.copy_tokens / self.new_tokens if self.new_tokens else 0.0
 
     def to_json(self) -> dict:
-        data = asdict(self)
+        data = {**asdict(self), "copy_share": self.copy_share}
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in data.items()}
 
 
@@ -116,4 +132,6 @@ def summarize(steps: list[StepStats], wall_s: float) -> RunSummary:
         tree_s=total("tree_ms"),
         median_draft_ms=statistics.median(s.draft_ms for s in rounds) if rounds and rounds[0].tree_size else None,
         fallback_rounds=sum(s.fallback for s in rounds),
+        copy_nodes=sum(s.copy_nodes for s in rounds),
+        copy_tokens=sum(s.copy_accepted for s in rounds),
     )

@@ -14,10 +14,11 @@ from typing import Iterator
 
 import torch
 
-from .config import DRAFT_METHODS, METHODS, GenerationConfig, TreeConfig, VocabConfig
+from .config import COPY_METHODS, DRAFT_METHODS, METHODS, CopyConfig, GenerationConfig, TreeConfig, VocabConfig
 from .decoding.engine import speculative_decode
 from .decoding.request import Request
-from .decoding.tree_choice import TreeChoice, choose_tree, interpolate, load_acceptance, predict
+from .decoding.tree_choice import (TreeChoice, best_widths, choose_copy, choose_tree, held_depths, interpolate,
+                                   load_acceptance, predict)
 from .decoding.plain import hf_generate, plain_decode
 from .errors import NanoSpecError
 from .metrics import RunSummary, StepStats, summarize
@@ -76,6 +77,7 @@ class Session:
         self._head_dir: Path | None = None
         self._frequency = None
         self._tree_choice: TreeChoice | None = None
+        self._copy_choices: dict[bool, CopyConfig] = {}
         self._warned_no_core = False
 
     # --- lazily loaded parts -----------------------------------------------------------------------------
@@ -138,6 +140,30 @@ class Session:
                             "tree": vars(first.tree), "predicted_round_ms": first.round_ms, "rounds": rows}
             write_cache(path, entries)
         return float(entries[key]["overhead_ms"])
+
+    def copy_choice(self, method: str) -> CopyConfig:
+        """The copy branches' budget here (tree_choice.choose_copy): from the measured verify costs beside the chosen
+        tree, or beside the plain step for lookup; CopyConfig() without an acceptance table (or without a head)."""
+        lookup = method == "lookup"
+        if lookup not in self._copy_choices:
+            self._copy_choices[lookup] = self._choose_copy(lookup)
+        return self._copy_choices[lookup]
+
+    def _choose_copy(self, lookup: bool) -> CopyConfig:
+        try:
+            choice = self.tree_choice()
+        except NanoSpecError:  # no head ships for this model: lookup still runs, on the fallback budget
+            if lookup:
+                return CopyConfig()
+            raise
+        if choice.expected_tau is None:
+            return CopyConfig()
+        verify = interpolate(self.tree_costs()["verify"])
+        if lookup:  # no head: a round is one verify forward (plus the measured bookkeeping)
+            return choose_copy(verify, verify(1) + choice.overhead_ms, 0, [])
+        ranks, tree = load_acceptance(self._head_dir), choice.tree
+        widths = best_widths(ranks, min(tree.depth, ranks.shape[1]), tree.top_k, tree.total_tokens)[-1][0]
+        return choose_copy(verify, choice.round_ms, tree.total_tokens, held_depths(ranks, widths))
 
     def tree_prediction(self, tree: TreeConfig) -> TreeChoice | None:
         """The cost model's figures (tau, draft / verify / round ms, break-even tau) for `tree`: the chooser's own
@@ -234,9 +260,10 @@ class Session:
         return make_policy(name, head.lm_head_weight, vocab, self.target.vocab_size,
                            head_to_target=head.head_to_target, frequency=frequency)
 
-    def stream(self, method: str, prompt_ids: torch.Tensor, gen: GenerationConfig,
-               tree: TreeConfig | None = None, vocab: VocabConfig | None = None) -> Iterator[StepStats]:
-        """Yield StepStats for one request with the given method (round 0 = prefill and first token)."""
+    def stream(self, method: str, prompt_ids: torch.Tensor, gen: GenerationConfig, tree: TreeConfig | None = None,
+               vocab: VocabConfig | None = None, copy: CopyConfig | None = None) -> Iterator[StepStats]:
+        """Yield StepStats for one request with the given method (round 0 = prefill and first token). copy: the
+        copy branches' settings for the copy methods (default: copy_choice)."""
         if method not in METHODS:
             raise NanoSpecError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
         if gen.max_new_tokens < 1:
@@ -249,14 +276,18 @@ class Session:
         if method in ("hf", "hf-lookup"):
             lookup = PROMPT_LOOKUP_TOKENS if method == "hf-lookup" else 0
             return hf_generate(self.loaded.hf_model, request, prompt_lookup=lookup)
+        copy = (copy or self.copy_choice(method)) if method in COPY_METHODS else None
+        if method == "lookup":  # copy branches alone: no head, no vocabulary policy
+            return speculative_decode(self.target, None, None, request, tree or TreeConfig(), copy=copy)
         policy = self.make_policy(method, vocab or VocabConfig())
-        return speculative_decode(self.target, self.head, policy, request, tree or self.tree_choice().tree)
+        return speculative_decode(self.target, self.head, policy, request, tree or self.tree_choice().tree,
+                                  copy=copy)
 
-    def run(self, method: str, prompt_ids: torch.Tensor, gen: GenerationConfig,
-            tree: TreeConfig | None = None, vocab: VocabConfig | None = None) -> RunResult:
+    def run(self, method: str, prompt_ids: torch.Tensor, gen: GenerationConfig, tree: TreeConfig | None = None,
+            vocab: VocabConfig | None = None, copy: CopyConfig | None = None) -> RunResult:
         """Run one request to the end, timing the whole of it (prefill included) for tokens/s."""
         start = time.perf_counter()
-        steps = list(self.stream(method, prompt_ids, gen, tree, vocab))
+        steps = list(self.stream(method, prompt_ids, gen, tree, vocab, copy))
         if self.target.device.type == "cuda":
             torch.cuda.synchronize()
         wall = time.perf_counter() - start

@@ -215,7 +215,8 @@ def test_bench_cli_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert code == 0
     for name in ("per_prompt.jsonl", "per_prompt.csv", "summary.md", "speedup.html", "draft_split.html"):
         assert (out / name).is_file(), name
-    header = "| method | prompts | tokens/s | speedup | tau | draft share | avg active vocab | coverage | equal rate |"
+    header = ("| method | prompts | tokens/s | speedup | tau | draft share | avg active vocab | coverage | copy share | "
+              "equal rate |")
     assert header in stdout and "## Per category" in stdout and "## Draft time per round" in stdout
 
     rows = [json.loads(line) for line in (out / "per_prompt.jsonl").read_text().splitlines()]
@@ -235,6 +236,36 @@ def test_bench_cli_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert set(summary.category) == {"coding", "writing", "overall"}
     assert (summary["equal rate"] == 1.0).all()
     assert (summary[summary.method == "vanilla"].speedup == 1.0).all()
+
+
+def test_bench_cli_runs_the_copy_methods_beside_their_peers(tiny_model_dir, tmp_path, capsys):
+    """lookup (copy branches alone), nanospec+copy and transformers' prompt lookup in one run: every output equals
+    plain greedy decoding (float32), the copy methods draft copy nodes, and the tables carry their copy share."""
+    from nanospec_core.__main__ import main
+
+    phrase = "alpha beta gamma delta epsilon"
+    rows = [{"question_id": i, "category": category, "turns": [f"Repeat: {phrase}. {phrase}. {phrase} x{i}"]}
+            for i, category in enumerate(("summarization", "rag"))]
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    methods = ["vanilla", "lookup", "nanospec", "nanospec+copy", "eagle+copy", "hf-lookup"]
+    out = tmp_path / "out"
+    assert main(["bench", "--model", tiny_model_dir, "--head", "random", "--dtype", "float32", "--questions",
+                 str(questions), "--methods", ",".join(methods), "--max-new-tokens", "16", "--out", str(out)]) == 0
+    stdout, stderr = capsys.readouterr()
+    assert "lookup: copy branches: up to" in stderr  # the copy budget is reported
+    records = [json.loads(line) for line in (out / "per_prompt.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in records] == methods * 2
+    assert all(r["equal"] for r in records), [(r["method"], r["first_diff"]) for r in records]
+    for method in ("lookup", "nanospec+copy", "eagle+copy"):  # an output token recurs: its continuation is drafted
+        assert sum(r["copy_nodes"] for r in records if r["method"] == method) > 0, method
+    assert all(r["copy_nodes"] == 0 and r["copy_tokens"] == 0 for r in records if r["method"] == "nanospec")
+    summary = BenchResult(methods, pd.DataFrame(records)).summary_table()
+    assert set(summary.category) == {"summarization", "rag", "overall"}
+    assert set(summary[summary.category == "rag"].method) == set(methods)
+    assert summary["copy share"].between(0, 1).all() and "copy share" in stdout
+    config = json.loads((out / "config.json").read_text())
+    assert set(config["copy_choice"]) == {"lookup", "nanospec+copy", "eagle+copy"}
 
 
 def test_bench_cli_reports_a_bad_category_without_loading_a_model(tmp_path, capsys):

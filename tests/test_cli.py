@@ -37,6 +37,16 @@ def test_generate_json_contract_and_methods_agree(capsys, tiny_model_dir):
     assert "no acceptance table" in results["eagle"]["tree_choice"]["reason"]
 
 
+def test_generate_runs_the_copy_methods_and_reports_their_budget(capsys, tiny_model_dir):
+    reference = generate(capsys, tiny_model_dir, "--method", "vanilla")["token_ids"]
+    for method in ("lookup", "nanospec+copy"):
+        data = generate(capsys, tiny_model_dir, "--method", method)
+        assert data["token_ids"] == reference and data["copy"]["max_nodes"] > 0  # random head: the fallback budget
+        assert {"copy_nodes", "copy_tokens", "copy_share"} <= data["summary"].keys()
+        assert all({"copy_nodes", "copy_accepted"} <= step.keys() for step in data["steps"])
+    assert generate(capsys, tiny_model_dir, "--method", "nanospec")["copy"] is None
+
+
 def test_explicit_tree_flags_win_over_the_default(capsys, tiny_model_dir):
     data = generate(capsys, tiny_model_dir, "--method", "eagle", "--depth", "2", "--total-tokens", "5")
     assert data["tree"] == {"depth": 2, "top_k": 4, "total_tokens": 5}

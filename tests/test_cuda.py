@@ -97,3 +97,29 @@ def test_tree_attention_4d_matches_the_math_reference(tiny_cuda):
         cache.commit()
         outs.append(model.forward(ids[3:].to(device), cache, tree_mask=mask[3:, 3:].to(device)).hidden.cpu())
     torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("with_head", [False, True], ids=["lookup", "nanospec+copy"])
+def test_greedy_copy_branches_equal_plain_on_the_gpu_without_extra_reads(with_head):
+    """Copy branches on the device: the merged tree's host-built nodes reach the GPU through pinned copies, the
+    output is plain greedy decoding, copied tokens are committed, and a round reads the device no more often."""
+    from nanospec_core.config import CopyConfig
+    from tests.test_copy_engine import VOCAB, repetitive_prompt
+
+    target = TargetModel(tiny_hf_model("qwen2", vocab=VOCAB).to("cuda"))
+    head = random_head(target, seed=3) if with_head else None
+    policy = make_policy("nanospec", head.lm_head_weight, VocabConfig(static_core=0), target.vocab_size) \
+        if with_head else None
+    prompt = repetitive_prompt(0).cuda()
+    request = Request(prompt, GenerationConfig(max_new_tokens=60), frozenset())
+    stream = speculative_decode(target, head, policy, request, TreeConfig(depth=3, top_k=3, total_tokens=6),
+                                copy=CopyConfig())
+    steps, reads = [next(stream)], []
+    for step in stream:
+        reads.append(host.ReadCount.value)
+        host.ReadCount.value = 0
+        steps.append(step)
+    assert [t for s in steps for t in s.tokens] == [t for s in plain_decode(target, Request(
+        prompt, GenerationConfig(max_new_tokens=60), frozenset())) for t in s.tokens]
+    assert sum(s.copy_accepted for s in steps) > 0
+    assert set(reads[1:]) == {4 if with_head else 1}, reads

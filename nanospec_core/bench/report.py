@@ -1,9 +1,11 @@
-"""Plotly charts of a benchmark: speedup per category, and where the draft time goes (backbone / lm head / gather /
-tree) per method. HTML always (plotly.js inlined: the files open offline); PNG only when a static engine works.
+"""A benchmark's tables and charts: markdown tables, a progress bar, and Plotly charts of the speedup per category and
+where the draft time goes (backbone / lm head / gather / tree) per method. HTML always (plotly.js inlined: the files
+open offline); PNG only when a static engine works.
 """
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -72,3 +74,40 @@ def write_figures(figures: dict, out: Path) -> list[Path]:
                 break
             written.append(path)
     return written
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """A GitHub markdown table (pandas' to_markdown needs tabulate, which we do not ship)."""
+    def cell(v):
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def make_progress(progress, total: int):
+    """(advance(text), close()) for progress=True (tqdm), False (silent) or a callable(fraction, text)."""
+    if callable(progress):
+        done = [0]
+
+        def advance(text):
+            done[0] += 1
+            progress(done[0] / total, text)
+
+        return advance, lambda: None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="bench", unit="run")
+
+        def advance(text):
+            bar.set_postfix_str(text, refresh=False)
+            bar.update()
+
+        return advance, bar.close
+    return (lambda text: None), (lambda: None)

@@ -18,7 +18,6 @@ divergence is a bf16 near-tie, not a decoding bug.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +27,10 @@ import pandas as pd
 import torch
 
 from .cost_check import cost_table
+from .report import make_progress, markdown  # noqa: F401 - markdown is part of this module's interface
 from .store import load_previous, write_rows
 from ..compare import first_difference, top2_margin
-from ..config import DRAFT_METHODS, GenerationConfig, TreeConfig, VocabConfig
+from ..config import COPY_METHODS, DRAFT_METHODS, GenerationConfig, TreeConfig, VocabConfig
 from ..errors import NanoSpecError
 from ..paths import DEFAULT_QUESTIONS
 
@@ -97,7 +97,8 @@ def record(question: Question, result, reference, prompt_ids, target, greedy: bo
            "tokens_per_s": s.tokens_per_s, "prefill_s": s.prefill_s, "rounds": s.rounds,
            "accept_lengths": [step.accepted for step in result.steps if step.round > 0], "tau": s.mean_accepted,
            "draft_s": s.draft_s, "verify_s": s.verify_s, **{f"{p}_s": getattr(s, f"{p}_s") for p in SPLIT_PARTS},
-           "avg_active_vocab": s.avg_active_vocab, "coverage": s.coverage, "fallback_rounds": s.fallback_rounds}
+           "avg_active_vocab": s.avg_active_vocab, "coverage": s.coverage, "fallback_rounds": s.fallback_rounds,
+           "copy_nodes": s.copy_nodes, "copy_tokens": s.copy_tokens, "copy_share": s.copy_share}
     ref_ids = result.token_ids if reference is None else reference.token_ids
     position = first_difference(ref_ids, result.token_ids)
     row.update(equal=position is None, first_diff=position, diff_margin=None, ref_token=None, token=None)
@@ -139,7 +140,9 @@ class BenchResult:
                              else None,
                              "draft share": m.draft_s.sum() / m.wall_s.sum() if m.wall_s.sum() > 0 else None,
                              "avg active vocab": m.avg_active_vocab.dropna().mean(),
-                             "coverage": m.coverage.dropna().mean(), "equal rate": m.equal.mean()})
+                             "coverage": m.coverage.dropna().mean(), "equal rate": m.equal.mean(),
+                             "copy share": m.copy_tokens.sum() / m.new_tokens.sum()
+                             if "copy_tokens" in m and m.new_tokens.sum() else None})
         return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
     def draft_table(self) -> pd.DataFrame:
@@ -208,44 +211,7 @@ class BenchResult:
 
 
 SUMMARY_COLUMNS = ["category", "method", "prompts", "tokens/s", "speedup", "tau", "draft share", "avg active vocab",
-                   "coverage", "equal rate"]
-
-
-def markdown(table: pd.DataFrame) -> str:
-    """A GitHub markdown table (pandas' to_markdown needs tabulate, which we do not ship)."""
-    def cell(v):
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
-        return str(v)
-
-    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
-
-
-def make_progress(progress, total: int):
-    """(advance(text), close()) for progress=True (tqdm), False (silent) or a callable(fraction, text)."""
-    if callable(progress):
-        done = [0]
-
-        def advance(text):
-            done[0] += 1
-            progress(done[0] / total, text)
-
-        return advance, lambda: None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, desc="bench", unit="run")
-
-        def advance(text):
-            bar.set_postfix_str(text, refresh=False)
-            bar.update()
-
-        return advance, bar.close
-    return (lambda text: None), (lambda: None)
+                   "coverage", "copy share", "equal rate"]  # copy share: new tokens from copy branches
 
 
 def check_methods(methods) -> list[str]:
@@ -362,6 +328,7 @@ def run(args) -> int:
     import sys
 
     from ..cli_args import decode_configs
+    from ..decoding.tree_choice import describe_copy
     from ..session import Session
 
     questions = load_questions(args.questions, split_list(args.categories), args.limit)  # fail before loading
@@ -377,11 +344,15 @@ def run(args) -> int:
     print(f"runtime: {session.runtime.describe()}", file=sys.stderr)
     if drafting:
         print(f"tree: {vars(tree)} ({session.tree_choice().reason})", file=sys.stderr)
+    copies = {m: session.copy_choice(m) for m in methods if m in COPY_METHODS}
+    for method, copy in copies.items():
+        print(f"{method}: {describe_copy(copy)}", file=sys.stderr)
     config = run_config(session, questions, methods, gen, tree, vocab, args.raw)
     previous = load_previous(out, config) if args.resume else None
     result = run_benchmark(session, questions, methods, gen, tree, vocab, progress=True, raw=args.raw,
                            previous=previous, on_prompt=lambda rows: write_rows(rows, config, out))
-    result.config.update(runtime=session.runtime.describe(), runtime_probe_ms=session.runtime.costs)
+    result.config.update(runtime=session.runtime.describe(), runtime_probe_ms=session.runtime.costs,
+                         copy_choice={m: vars(copy) for m, copy in copies.items()} or None)
     if drafting:  # reported, not compared by --resume
         prediction = session.tree_prediction(tree)
         result.config.update(tree_choice=session.tree_choice().to_json(),

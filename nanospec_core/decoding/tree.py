@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from nanospec_core.config import TreeConfig
-from nanospec_core.decoding.host import read
+from nanospec_core.decoding.host import read, to_device
 
 # step(token_ids [m], parent_hidden [m, H], position_ids [m], attn_mask [m, F+m] bool) -> hidden [m, H]
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -40,9 +40,16 @@ class DraftTree:
     depths: torch.Tensor  # [n] long: 1-based depth (children of the root are depth 1)
     scores: torch.Tensor  # [n] float32: cumulative draft log-prob of the path root -> node
     depth_bound: int | None = None  # host-side upper bound on the depth (levels built); None: read it
+    host: tuple[list[int], list[int]] | None = None  # (tokens, parents) as host lists, read with the rerank
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
+
+    @classmethod
+    def empty(cls, device) -> "DraftTree":
+        """No draft nodes (a round without a head): verification then checks the root alone, or added branches."""
+        none = torch.zeros(0, dtype=torch.long, device=device)
+        return cls(none, none, none, torch.zeros(0, device=device), depth_bound=0, host=([], []))
 
     @property
     def max_depth(self) -> int:
@@ -219,8 +226,55 @@ def _rerank(cands: _Candidates, total_tokens: int) -> DraftTree:
     node_of[kept + 1] = torch.arange(len(kept), device=tokens.device)
     node_parents = node_of[parents[kept] + 1]  # [n]
     orphan = (node_parents < 0) & (parents[kept] >= 0) & finite
-    (count,), (broken,) = read(finite.sum(), orphan.any())  # the tree's one device read
+    # the tree's one device read; its tokens and parents ride along for add_branches
+    (count,), (broken,), host_tokens, host_parents = read(finite.sum(), orphan.any(), tokens[kept], node_parents)
     if broken:
         raise RuntimeError("draft tree is not ancestor-closed (NaN draft scores?)")
     return DraftTree(tokens=tokens[kept][:count], parents=node_parents[:count], depths=depths[kept][:count],
-                     scores=scores[kept][:count], depth_bound=len(sizes))
+                     scores=scores[kept][:count], depth_bound=len(sizes),
+                     host=(host_tokens[:count], host_parents[:count]))
+
+
+def add_branches(tree: DraftTree, branches: list[tuple[list[int], list[float]]],
+                 max_new: int) -> tuple[DraftTree, list[list[int]]]:
+    """Merge root-down token chains (copy drafts, with their node scores) into the tree as extra branches.
+
+    A chain walks down from the root through the nodes that already hold its tokens (a prefix the head drafted
+    too costs nothing and adds no duplicate sibling), then hangs its remaining tokens below as new nodes, at most
+    max_new in all. New nodes follow the old ones, so every parent still precedes its children: the verify mask
+    (pointer jumping over parents), the positions (depths) and the kept path's increasing indices stay right.
+    Returns the merged tree and each chain's node indices, as far as the chain entered the tree.
+
+    Worked example: tree tokens [a, b, c], parents [-1, -1, 0]; chain [a, c, d] walks a (node 0), c (node 2),
+    then adds d as node 3 under node 2: chain nodes [0, 2, 3], new parents [2], depths [3].
+    """
+    tokens, parents = tree.host if tree.host is not None else read(tree.tokens, tree.parents)
+    child: dict[tuple[int, int], int] = {}
+    for node, (token, parent) in enumerate(zip(tokens, parents)):
+        child.setdefault((parent, token), node)  # the first of duplicate siblings is the one a walk follows
+    added: dict[str, list] = {"tokens": [], "parents": [], "depths": [], "scores": []}
+    chains = []
+    for chain_tokens, chain_scores in branches:
+        node, nodes = -1, []
+        for depth, (token, score) in enumerate(zip(chain_tokens, chain_scores), start=1):
+            found = child.get((node, token))
+            if found is None:
+                if len(added["tokens"]) >= max_new:
+                    break
+                found = child[(node, token)] = len(tokens) + len(added["tokens"])
+                for name, value in zip(added, (token, node, depth, score)):
+                    added[name].append(value)
+            nodes.append(found)
+            node = found
+        chains.append(nodes)
+    if not added["tokens"]:
+        return tree, chains
+    device = tree.tokens.device
+    bound = tree.depth_bound if tree.depth_bound is not None else tree.max_depth
+    merged = DraftTree(tokens=torch.cat([tree.tokens, to_device(added["tokens"], device)]),
+                       parents=torch.cat([tree.parents, to_device(added["parents"], device)]),
+                       depths=torch.cat([tree.depths, to_device(added["depths"], device)]),
+                       scores=torch.cat([tree.scores, to_device(added["scores"], device, torch.float32)]),
+                       depth_bound=max(bound, max(added["depths"])),
+                       host=(tokens + added["tokens"], parents + added["parents"]))
+    return merged, chains

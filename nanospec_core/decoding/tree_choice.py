@@ -30,13 +30,13 @@ estimate, which docs/results.md sets next to the measured one (on the Zen 4 EPYC
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from ..config import TreeConfig
+from ..config import CopyConfig, TreeConfig
 
 ACCEPTANCE_FILE = "acceptance.json"
 MAX_DEPTH, MAX_TOP_K, MAX_TOTAL = 8, 10, 64  # the candidate grid (CPU and GPU trees fit in it)
@@ -68,17 +68,22 @@ def _conditional(ranks: np.ndarray, depth: int) -> float:
     return float((ranks[alive, depth] == 0).mean()) if alive.any() else 0.0
 
 
-def expected_committed(ranks, widths: tuple[int, ...]) -> float:
-    """E[tokens committed per round] (bonus included) for per-depth widths under the right parent."""
+def held_depths(ranks, widths: tuple[int, ...]) -> list[float]:
+    """P(the tree holds the target's tokens at depths 1..d), d = 1.., for per-depth widths under the right parent."""
     ranks = np.asarray(ranks)
     alive = np.ones(ranks.shape[0], dtype=bool)
-    total = 1.0
+    out = []
     for depth, width in enumerate(widths):
         if width <= 0 or depth >= ranks.shape[1]:
             break
         alive &= ranks[:, depth] < width
-        total += alive.mean()
-    return total
+        out.append(float(alive.mean()))
+    return out
+
+
+def expected_committed(ranks, widths: tuple[int, ...]) -> float:
+    """E[tokens committed per round] (bonus included) for per-depth widths under the right parent."""
+    return 1.0 + sum(held_depths(ranks, widths))
 
 
 def best_widths(ranks: np.ndarray, depth: int, top_k: int, total: int) -> list[tuple[tuple[int, ...], float]]:
@@ -205,3 +210,46 @@ def interpolate(points: dict[int, float]) -> Callable[[int], float]:
         return float(np.interp(n, sizes, values))
 
     return cost
+
+
+def choose_copy(verify_ms: Callable[[int], float], round_ms: float, nodes: int, held: list[float],
+                base: CopyConfig | None = None) -> CopyConfig:
+    """The copy branches' budget on this machine, beside a head tree of `nodes` nodes whose round costs round_ms
+    and holds the target's tokens at depths 1..d with probability held[d-1] ([] and the plain step without a head).
+
+    Per node (online, CopyConfig.min_accept): a round commits tau = 1 + sum(held) tokens in round_ms; one more
+    verify node costs dv = verify_ms(nodes + 2) - verify_ms(nodes + 1) and adds its acceptance probability P:
+        (tau + P) / (round_ms + dv) > tau / round_ms   <=>   P > dv * tau / round_ms      (the break-even P)
+    Per round (max_nodes): the chain length L of highest expected tokens/s when a match exists, the copy right to
+    depth d with c_d = prior_1 * ... * prior_d, independent of the head's own tree (either one holding depth d
+    commits it):
+        E[committed](L) = 1 + sum_d [1 - (1 - h_d)(1 - c_d)],  cost(L) = round_ms + verify_ms(nodes + 1 + L)
+                          - verify_ms(nodes + 1);   max_nodes = L* (0: copies cannot pay here), shared by the
+                          branches in their order (a later one gets the nodes an earlier, shorter one left)
+    """
+    base = base or CopyConfig()
+
+    def prior(depth: int) -> float:
+        return base.prior[min(depth, len(base.prior)) - 1]
+
+    def speed(length: int) -> float:
+        chain = np.cumprod([prior(d) for d in range(1, length + 1)]).tolist()
+        span = max(len(held), length)
+        h = held + [0.0] * (span - len(held))
+        c = chain + [0.0] * (span - length)
+        committed = 1.0 + sum(1.0 - (1.0 - hd) * (1.0 - cd) for hd, cd in zip(h, c))
+        return committed / (round_ms + verify_ms(nodes + 1 + length) - verify_ms(nodes + 1))
+
+    best = max(range(base.length + 1), key=lambda length: (round(speed(length), 9), -length))
+    tau = 1.0 + sum(held)
+    node_ms = max(0.0, verify_ms(nodes + 2) - verify_ms(nodes + 1))
+    return replace(base, max_nodes=best, min_accept=min(1.0, node_ms * tau / round_ms))
+
+
+def describe_copy(copy: CopyConfig) -> str:
+    """One line for the 'why this speed' panel."""
+    if copy.max_nodes == 0:
+        return "copy branches: none (an extra verify node costs more here than a copied token is expected to save)"
+    return (f"copy branches: up to {copy.branches} x {copy.length} tokens, at most {copy.max_nodes} extra nodes per "
+            f"round; a copied token is drafted when P(accepted) >= {copy.min_accept:.2f} (the break-even of one "
+            "more verify node here)")

@@ -73,6 +73,8 @@ def verify_sampling(tree: DraftTree, target_logits: torch.Tensor, temperature: f
         P(emit x_j) = P(reach j) * p(x_j) / (1 - sum_{i<j} p(x_i)) = p(x_j)   for a first occurrence of x_j;
         P(emit y not tried) = (1 - sum_i p(x_i)) * p(y) / (1 - sum_i p(x_i)) = p(y).
     A repeated sibling token has mass 0 once rejected, so it is never accepted (and is not double counted).
+    The rule never reads a draft probability, so where a sibling came from does not matter: a head's node and a
+    copy branch's (a deterministic copy of the context, a point mass too) are tried alike, in score order.
     If x is accepted, the walk continues at that child whose row is the target conditioned on ... + x, so by
     induction over depth every emitted prefix has the target's probability; the next round resumes from the
     bonus with the target's own conditional. T <= 0 falls back to verify_greedy.

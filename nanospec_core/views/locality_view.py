@@ -1,5 +1,6 @@
 """The temporal-locality view: where each committed token's id entered NanoSpec's active set, how the set grows,
-and which origins the committed tokens came from.
+and which origins the committed tokens came from. A token a copy branch proposed (phrase locality: a span copied
+from earlier in the context, decoding/copy_draft.py) is labelled 'copied', whatever its id's origin.
 
 Built from a RunTrace's StepStats only (hits and origins per committed token, active-set size per round), so it is
 tested without a server; the app draws what these return.
@@ -18,7 +19,7 @@ ORIGIN_LABELS = {"prompt": "prompt", "prompt-topk": "prompt top-k", "output": "e
                  "special": "special", "": "miss"}
 LOCALITY_COLORS = {"prompt": "#4c78a8", "prompt top-k": "#9ecae9", "earlier output": "#54a24b",
                    "tree top-k": "#72b7b2", "earlier draft": "#eeca3b", "static core": "#bab0ac",
-                   "special": "#b279a2", "miss": "#e45756", "hit": "#54a24b"}
+                   "special": "#b279a2", "miss": "#e45756", "hit": "#54a24b", "copied": "#f58518"}
 LOCALITY_NOTE = """
 **Why a tiny vocabulary suffices: temporal locality.** Text reuses its own words. A function name, a variable, a
 person's name or the phrase being translated appears in the prompt and comes back again and again in the answer;
@@ -46,13 +47,16 @@ def token_pieces(decode, ids: list[int], start: int = 0, window: int = 6) -> lis
 
 
 def token_labels(trace: RunTrace) -> list[str | None]:
-    """Per committed token: its origin label ('miss' if it was not active), 'hit'/'miss' when the policy does not
-    report origins, None for the prefill's first token (no draft proposed it)."""
+    """Per committed token: 'copied' if a copy branch proposed it, else its origin label ('miss' if it was not
+    active), 'hit'/'miss' when the policy does not report origins, None for the prefill's first token (no draft
+    proposed it) and for a method without a vocabulary policy (lookup) where no copy proposed it."""
     labels: list[str | None] = []
     for step in trace.steps:
-        hits, origins = step.hits, step.origins
+        hits, origins, copied = step.hits, step.origins, step.copied
         for i in range(len(step.tokens)):
-            if step.round == 0 or hits is None or i >= len(hits):
+            if step.round > 0 and copied is not None and i < len(copied) and copied[i]:
+                labels.append("copied")
+            elif step.round == 0 or hits is None or i >= len(hits):
                 labels.append(None)
             elif not hits[i]:
                 labels.append("miss")
@@ -102,9 +106,9 @@ def growth_figure(trace: RunTrace, max_new_tokens: int, full_vocab: int | None =
 
 
 def origin_shares(trace: RunTrace) -> pd.DataFrame:
-    """Committed tokens by where their id entered the active set: one row per origin, misses last.
-
-    The prefill's first token is left out (no draft could propose it). Shares add up to 1."""
+    """Committed tokens by where their id entered the active set, and those copy branches proposed ('copied'): one
+    row per origin, misses last. The prefill's first token is left out (no draft could propose it). Shares add up
+    to 1."""
     labels = [label for label in token_labels(trace) if label is not None]
     order = [label for label in LOCALITY_COLORS if label != "miss"] + ["miss"]
     counts = {label: labels.count(label) for label in order if labels.count(label)}

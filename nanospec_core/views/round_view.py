@@ -70,7 +70,16 @@ def _nanospec_line(step: StepStats, position: int, decode: Callable[[list[int]],
     elif step.hits and step.origins and step.origins[-1]:
         origin = ORIGIN_LABELS.get(step.origins[-1], step.origins[-1])
         line += f" The bonus was in the active set (from: {origin}); the head ranked it too low to draft."
-    return line + f" NanoSpec {_split(step)}."
+    return line + copy_line(step) + f" NanoSpec {_split(step)}."
+
+
+def copy_line(step: StepStats) -> str:
+    """What the round's copy branches added: nodes, their source span in the context, the tokens they committed."""
+    sources = [s for s in (step.tree.sources or []) if s is not None] if step.tree is not None else []
+    if not sources:
+        return ""
+    return (f" Copy branches added {step.copy_nodes} nodes, copied from context positions "
+            f"{min(sources)}-{max(sources)}; {step.copy_accepted} of the committed tokens came from them.")
 
 
 def round_view(nanospec: RunTrace, eagle: RunTrace | None, round_number: int, decode: Callable[[list[int]], str],

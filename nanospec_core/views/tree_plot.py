@@ -5,7 +5,9 @@ so a subtree never crosses another. The root is the last committed token; the ac
 rejected branches faded, and the target's bonus token (its own choice after the last accepted node, the one the
 draft did not propose) is a star, red when its id was outside NanoSpec's active set (a miss: no draft from that
 set could have proposed it). Hovering a node shows its token, its draft probability given its parent and the
-cumulative probability of the path (the score EAGLE-2 ranks by). Legible up to EAGLE's GPU preset (60 nodes).
+cumulative probability of the path (the score EAGLE-2 ranks by). Nodes a copy branch proposed (copied from earlier
+in the context) are diamonds ringed in orange, and their hover names the context position they were copied from.
+Legible up to EAGLE's GPU preset (60 nodes).
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from collections.abc import Callable
 
 from ..metrics import TreeView
 
-COLORS = {"accepted": "#2ca02c", "rejected": "#b0b0b0", "bonus": "#ff7f0e", "miss": "#e45756", "root": "#1f77b4"}
+COLORS = {"accepted": "#2ca02c", "rejected": "#b0b0b0", "bonus": "#ff7f0e", "miss": "#e45756", "root": "#1f77b4",
+          "copy": "#f58518"}
 
 
 def layout(parents: list[int]) -> tuple[list[int], list[float]]:
@@ -61,17 +64,32 @@ def tree_figure(tree: TreeView, decode: Callable[[int], str], title: str = "", b
                                  line=dict(color=COLORS["accepted" if accepted else "rejected"],
                                            width=3 if accepted else 1)))
 
+    origins = tree.origins or ["head"] * n
+    copied = [origin != "head" for origin in origins]
+
     def hover(node: int) -> str:
         parent_score = tree.scores[tree.parents[node]] if tree.parents[node] >= 0 else 0.0
-        return (f"{decode(tree.tokens[node])!r}<br>draft p = {math.exp(tree.scores[node] - parent_score):.3f}"
+        text = (f"{decode(tree.tokens[node])!r}<br>draft p = {math.exp(tree.scores[node] - parent_score):.3f}"
                 f"<br>path p = {math.exp(tree.scores[node]):.3f}<br>depth {depth[node]}")
+        if copied[node]:  # a copy node's score is its estimated acceptance, not a head probability
+            also = ", the head drafted it too" if origins[node] == "both" else ""
+            text += f"<br>copied from context position {tree.sources[node]}{also}"
+        return text
 
     for name, nodes in (("rejected", [i for i in range(n) if i not in on_path]), ("accepted", tree.path)):
         fig.add_trace(go.Scatter(
             x=[depth[i] for i in nodes], y=[y[i] for i in nodes], mode="markers+text", name=name,
             text=[decode(tree.tokens[i]) for i in nodes], textposition="middle right", textfont=dict(size=11),
             hovertext=[hover(i) for i in nodes], hoverinfo="text",
-            marker=dict(size=11 if name == "accepted" else 8, color=COLORS[name])))
+            marker=dict(size=11 if name == "accepted" else 8, color=COLORS[name],
+                        symbol=["diamond" if copied[i] else "circle" for i in nodes],
+                        line=dict(width=[2 if copied[i] else 0 for i in nodes], color=COLORS["copy"]))))
+    if any(copied):
+        sources = [tree.sources[i] for i in range(n) if copied[i]]
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", hoverinfo="skip",
+                                 name=f"copied from the context (positions {min(sources)}-{max(sources)})",
+                                 marker=dict(size=10, symbol="diamond", color="white",
+                                             line=dict(width=2, color=COLORS["copy"]))))
     last = tree.path[-1] if tree.path else -1
     fig.add_trace(go.Scatter(x=[0], y=[0.0], mode="markers", name="root (last committed)", hoverinfo="name",
                              marker=dict(size=12, color=COLORS["root"], symbol="square")))

@@ -199,7 +199,9 @@ def latency_figure(left: RunTrace, right: RunTrace, axes: ChartAxes):
 # (plain decoding, the target alone), then the speculative methods.
 
 LANE_LABELS = {"vanilla": "Plain decoding", "hf": "transformers generate", "eagle": "EAGLE",
-               "static": "EAGLE + FR-Spec (static vocab)", "nanospec": "EAGLE + NanoSpec"}
+               "static": "EAGLE + FR-Spec (static vocab)", "nanospec": "EAGLE + NanoSpec",
+               "hf-lookup": "transformers prompt lookup", "lookup": "copy lookup (no head)",
+               "eagle+copy": "EAGLE + copies", "nanospec+copy": "EAGLE + NanoSpec + copies"}
 
 
 def lane_label(method: str) -> str:

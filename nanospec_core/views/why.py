@@ -16,6 +16,10 @@ from dataclasses import dataclass
 from ..compare import RunTrace
 
 
+LANE_LABELS = {"eagle": "EAGLE", "eagle+copy": "EAGLE + copies", "lookup": "Copy lookup (no head)",
+               "nanospec": "EAGLE + NanoSpec", "nanospec+copy": "EAGLE + NanoSpec + copies"}
+
+
 @dataclass
 class LaneCost:
     method: str
@@ -60,27 +64,39 @@ def why_lines(traces: list[RunTrace], choice=None, verify_curve: dict[int, float
         return ["Run the plain lane too: every figure here is relative to one plain decoding step."]
     lines = [f"**Plain decoding** costs **{plain:.0f} ms a token** here (one target forward each, measured in this "
              f"run: {1e3 / plain:.1f} tok/s)."]
-    lanes = [cost for cost in (lane_cost(by_method[m]) for m in ("eagle", "nanospec") if m in by_method) if cost]
+    lanes = [cost for cost in (lane_cost(by_method[m]) for m in LANE_LABELS if m in by_method) if cost]
     for lane in lanes:
-        label = "EAGLE + NanoSpec" if lane.method == "nanospec" else "EAGLE"
+        label = LANE_LABELS[lane.method]
         even = lane.round_ms / plain
         verdict = (f"**{lane.tau / even:.2f}x plain**: it commits more than the {even:.2f} a round needs"
                    if lane.tau > even else
                    f"**{lane.tau / even:.2f}x plain**: a round needs {even:.2f} tokens to break even here")
         lines.append(f"**{label}**: a round costs {lane.round_ms:.0f} ms (draft {lane.draft_ms:.0f}, verify "
                      f"{lane.verify_ms:.0f}, bookkeeping {lane.other_ms:.0f}) = {even:.2f} plain steps, and commits "
-                     f"tau = {lane.tau:.2f} tokens: {verdict}.")
-    if len(lanes) == 2 and lanes[0].draft_ms > 0:
-        eagle, nano = lanes
+                     f"tau = {lane.tau:.2f} tokens: {verdict}." + copy_clause(by_method[lane.method]))
+    eagle = next((lane for lane in lanes if lane.method == "eagle"), None)
+    nano = next((lane for lane in lanes if lane.method.startswith("nanospec")), None)
+    if eagle is not None and nano is not None and eagle.draft_ms > 0:
         rows = f"{nano.active_vocab:,.0f} rows" if nano.active_vocab else "its active rows"
         full = f" instead of {vocab_size:,}" if vocab_size else ""
         lines.append(f"NanoSpec's draft is {nano.draft_ms / eagle.draft_ms:.2f}x EAGLE's ({nano.draft_ms:.0f} vs "
                      f"{eagle.draft_ms:.0f} ms): its lm head scores {rows}{full}.")
-    nano = next((lane for lane in lanes if lane.method == "nanospec"), None)
     if nano is not None:
         lines += prediction_lines(nano, plain, choice)
         lines += where_it_pays(nano, plain, verify_curve)
     return lines
+
+
+def copy_clause(trace: RunTrace) -> str:
+    """What copy branches cost and gave per round: their extra verify nodes and the tokens only they proposed."""
+    rounds = trace.rounds
+    nodes = sum(s.copy_nodes for s in rounds)
+    if not rounds or not nodes:
+        return ""
+    copied = sum(s.copy_accepted for s in rounds)
+    return (f" Its copy branches added {nodes / len(rounds):.1f} verify nodes a round and committed "
+            f"{copied / len(rounds):.2f} tokens a round that the head had not drafted ({copied / nodes:.0%} of "
+            f"the copied nodes).")
 
 
 def prediction_lines(lane: LaneCost, plain: float, choice) -> list[str]:
