@@ -126,11 +126,9 @@ def package_files(seed: int) -> list[tuple[str, Path]]:
     return [(f"site/{path.relative_to(root)}", path) for path in files]
 
 
-def code_read_items(tokenizer, excluded, count: int, seed: int = 0, max_tokens: int = 2048) -> list[dict]:
-    items = []
+def module_texts(seed: int):
+    """(meta, user turn, original answer) of installed Python modules, outside the held-out bucket."""
     for record, path in package_files(seed):
-        if len(items) >= count:
-            break
         base = base_of("code", f"{record}:module")
         if held_out_bucket(base):
             continue
@@ -138,36 +136,34 @@ def code_read_items(tokenizer, excluded, count: int, seed: int = 0, max_tokens: 
             source = path.read_text(encoding="utf-8").strip()
         except (UnicodeDecodeError, OSError):
             continue
-        if not 400 <= len(source) <= 60000:
-            continue
-        shown = record.removeprefix("site/")
-        messages = [{"role": "user", "content": CODE_ASK.format(path=shown)},
-                    {"role": "assistant", "content": f"```python\n{source}\n```"}]
-        meta = {"key": f"read:code:{record}", "source": "code", "task": "module", "record": f"{record}:module",
-                "base": base, "split": "train"}
-        item = read_item(tokenizer, messages, meta, max_tokens)
-        if item and not excluded(item["meta"]):
-            items.append(item)
-    return items
+        if 400 <= len(source) <= 60000:
+            meta = {"key": f"read:code:{record}", "source": "code", "task": "module", "record": f"{record}:module",
+                    "base": base}
+            yield meta, CODE_ASK.format(path=record.removeprefix("site/")), f"```python\n{source}\n```"
 
 
-def doc_read_items(tokenizer, excluded, count: int, seed: int = 0, max_tokens: int = 2048) -> list[dict]:
+def doc_texts(seed: int):
+    """(meta, user turn, original answer) of installed packages' documentation, outside the held-out bucket."""
     from .sources import package_docs
 
     docs = package_docs()
     random.Random(seed).shuffle(docs)
-    items = []
     for name, body in docs:
+        base = base_of("doc", name)
+        if not held_out_bucket(base):
+            meta = {"key": f"read:doc:{name}", "source": "doc", "task": "readme", "record": f"{name}:METADATA",
+                    "base": base}
+            yield meta, DOC_ASK.format(name=name), body.strip()
+
+
+def answered_items(tokenizer, texts, excluded, count: int, max_tokens: int = 2048) -> list[dict]:
+    """Up to `count` read items from (meta, user turn, original answer) triples (module_texts, doc_texts)."""
+    items = []
+    for meta, ask, answer in texts:
         if len(items) >= count:
             break
-        base = base_of("doc", name)
-        if held_out_bucket(base):
-            continue
-        messages = [{"role": "user", "content": DOC_ASK.format(name=name)},
-                    {"role": "assistant", "content": body.strip()}]
-        meta = {"key": f"read:doc:{name}", "source": "doc", "task": "readme", "record": f"{name}:METADATA",
-                "base": base, "split": "train"}
-        item = read_item(tokenizer, messages, meta, max_tokens)
+        messages = [{"role": "user", "content": ask}, {"role": "assistant", "content": answer}]
+        item = read_item(tokenizer, messages, {**meta, "split": "train"}, max_tokens)
         if item and not excluded(item["meta"]):
             items.append(item)
     return items
@@ -191,8 +187,8 @@ def add_read_shards(tokenizer, folder: Path, sharegpt: int, code: int, docs: int
     records = [(p, r) for p, r in sharegpt_records(0, SHAREGPT_EVAL_FROM)]
     random.Random(seed).shuffle(records)
     items = sharegpt_read_items(tokenizer, records, fresh, max(0, sharegpt - have["sharegpt"]))
-    items += code_read_items(tokenizer, fresh, max(0, code - have["code"]), seed)
-    items += doc_read_items(tokenizer, fresh, max(0, docs - have["doc"]), seed)
+    items += answered_items(tokenizer, module_texts(seed), fresh, max(0, code - have["code"]))
+    items += answered_items(tokenizer, doc_texts(seed), fresh, max(0, docs - have["doc"]))
     random.Random(seed + 1).shuffle(items)
     for start in range(0, len(items), shard_items):
         path = write_shard(folder, items[start:start + shard_items], ENGINE, "-", stop_ids(tokenizer))
