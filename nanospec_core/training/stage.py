@@ -203,11 +203,12 @@ def run(args: argparse.Namespace) -> dict:
         log(f"extract-only: {len(paths)} shards in {work}")
         return {"shards": len(paths)}
     train_seqs = load_sequences(paths, lazy=True)
-    n_tokens = sum(int(s["loss_mask"].sum()) for s in train_seqs)
+    scored = [int(s["loss_mask"].sum()) for s in train_seqs]  # one read of each mask (lazy shards: disk)
+    n_tokens = sum(scored)
     used = {s["key"] for s in train_seqs}
     data = summary([i for i in corpus if i["meta"]["key"] in used])["train"]
     answers = [n for n, s in enumerate(train_seqs) if kinds[s["key"]] != "read"]
-    read_tokens = sum(int(train_seqs[n]["loss_mask"].sum()) for n in set(range(len(train_seqs))) - set(answers))
+    read_tokens = n_tokens - sum(scored[n] for n in answers)
     log(f"features: {len(train_seqs)} train sequences ({n_tokens} scored tokens, {read_tokens} of them read text) "
         f"of {len(train_items)} committed; {len(held_seqs[dtype])} held out; {data}")
 

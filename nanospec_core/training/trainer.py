@@ -171,8 +171,8 @@ def next_sequence(train_seqs, state: dict, seed: int, only: list[int] | None = N
     if only:
         cursor = state.setdefault("finish_cursor", 0)
         state["finish_cursor"] = cursor + 1
-        ring = random.Random(seed + 10 ** 6 + cursor // len(only)).sample(only, len(only))
-        seq = train_seqs[ring[cursor % len(only)]]
+        ring = epoch_order(len(only), seed + 10 ** 6 + cursor // len(only))  # a shuffle per pass, cached
+        seq = train_seqs[only[ring[cursor % len(only)]]]
     else:
         if state["cursor"] >= len(train_seqs):
             state["epoch"] += 1
