@@ -19,9 +19,10 @@ except ImportError:  # everywhere else the decorator below changes nothing
 import gradio as gr
 import torch
 
-from nanospec_core.views import locality_view, ui, zero_gpu
+from nanospec_core.views import app_costs, locality_view, ui, zero_gpu
 from nanospec_core.compare import DEFAULT_METHODS, RunTrace, compare_runs, first_difference, top2_margin
 from nanospec_core.config import METHODS, GenerationConfig
+from nanospec_core.decode_thread import call as on_decode, on_decode_thread  # every forward on one thread
 from nanospec_core.errors import NanoSpecError
 from nanospec_core.machine import on_zero_gpu
 from nanospec_core.paths import ASSETS, DEFAULT_QUESTIONS
@@ -84,16 +85,15 @@ def prepare(prompt, model, values: dict, precision=None):
 
 class View:
     """Turns Snapshots into the compare outputs; keeps the axes and the decoded locality pieces between rounds.
-
     Texts, status and table refresh every UPDATE_EVERY_S; the charts, the locality view and the round view (heavier
     to send and to draw in the browser) every CHART_EVERY_S, and always with the last round. While running, the
-    round view follows the newest round; once done it shows the round with the longest accepted path.
-    """
+    round view follows the newest round; once done it shows the round with the longest accepted path."""
 
     def __init__(self, session: Session, gen: GenerationConfig, capacity: int, prompt_ids=None,
                  key: tuple[str, str] | None = None, tree=None):
         self.session, self.gen, self.prompt_ids = session, gen, prompt_ids
-        self.prediction = session.tree_prediction(tree) if tree is not None else None  # the cost model's view
+        self.raw = session.tree_prediction(tree) if tree is not None else None  # the cost model's view
+        self.prediction = app_costs.corrected(self.raw, app_costs.load(session.costs_key()))  # and the app's runs
         self.key = key  # (model, precision) of SESSIONS: the round view's later redraws find the session by it
         self.axes = ui.ChartAxes(gen.max_new_tokens, capacity)
         self.pieces: list[str] = []
@@ -110,7 +110,8 @@ class View:
         for trace in traces[1:]:
             position = first_difference(reference, trace.token_ids)
             if position is not None and position < min(len(reference), len(trace.token_ids)):
-                found[trace.method] = top2_margin(self.session.target, self.prompt_ids, reference[:position])[0]
+                prefix = reference[:position]
+                found[trace.method] = on_decode(top2_margin, self.session.target, self.prompt_ids, prefix)[0]
         return found
 
     def rounds_update(self, snap, done: bool) -> dict:
@@ -140,10 +141,11 @@ class View:
                                            self.margins(traces, done)),
             "summary": ui.summary_frame(traces),
         }
-        if done:  # the break-even arithmetic, from this run's rounds and the machine's cost curve
+        if done:  # the break-even arithmetic, from this run's rounds and the machine's cost curve; then learn
             values["why"] = why_markdown(list(traces), self.prediction, self.session.tree_costs()["verify"]
                                          if self.prediction else None, self.session.target.vocab_size,
                                          self.session.runtime.machine)
+            app_costs.record(self.session.costs_key(), traces[0], nanospec, self.raw)  # the next forecast's scale
         if done or now - self.last_charts >= CHART_EVERY_S:
             self.last_charts = now
             self.axes.fit(eagle, nanospec)
@@ -175,7 +177,7 @@ def compare(prompt: str, model: str = MODEL, max_new_tokens=D["max_new_tokens"],
     values = {name: arguments[name] for name in SETTINGS}
     session, prompt_ids, gen, tree, vocab, key = prepare(prompt, model, values, precision)
     view = View(session, gen, vocab.capacity, prompt_ids, key, tree)
-    runs = compare_runs(session, prompt_ids, gen, tree, vocab, methods=LANES)
+    runs = on_decode_thread(compare_runs(session, prompt_ids, gen, tree, vocab, methods=LANES))
     try:
         for snap in runs:
             if view.due(snap.done):
@@ -227,8 +229,8 @@ def benchmark(categories, limit, max_new_tokens, methods, model, *settings, prog
         questions = load_questions(QUESTIONS, list(categories or []) or None, int(limit))
         dtype = check_precision(precision) if precision is not None else None
         session = SESSIONS.get(ui.check_model_name(model), dtype)
-        result = run_benchmark(session, questions, list(methods), gen, tree, vocab,
-                               progress=lambda fraction, text: progress(fraction, desc=text))
+        result = on_decode(run_benchmark, session, questions, list(methods), gen, tree, vocab,
+                           progress=lambda fraction, text: progress(fraction, desc=text))
     except Exception as error:  # noqa: BLE001
         raise user_error(error) from None
     figures = result.figures()
@@ -298,7 +300,8 @@ def build_app(banner: str = "", session: Session | None = None) -> gr.Blocks:
             gr.Examples([[p] for _, p in ui.EXAMPLES], inputs=[prompt], example_labels=[k for k, _ in ui.EXAMPLES],
                         cache_examples=False, label="Examples (code, chat, math, summarisation, translation)")
             controls = settings_controls(tree, tree_info)
-            status = gr.Markdown(ui.forecast(session.tree_choice()) if measured else "", elem_id="status")
+            forecast = ui.forecast(app_costs.forecast_for(session, session.tree_choice().tree)) if measured else ""
+            status = gr.Markdown(forecast, elem_id="status")
             summary = gr.Dataframe(label="Speed (vs plain decoding: the target alone; vs EAGLE: the same tree with "
                                          "the full-vocabulary draft lm head)", interactive=False, elem_id="summary")
             with gr.Row(equal_height=True):
@@ -374,8 +377,7 @@ def warm_up(session: Session) -> None:
     """One short comparison, thrown away: first-call costs (allocator, kernels) stay out of the first user's run."""
     started = time.perf_counter()
     gen, tree, vocab = ui.parse_settings(max_new_tokens=8)
-    for _ in compare_runs(session, session.encode("Hello"), gen, tree, vocab, methods=LANES, decode_text=False):
-        pass
+    on_decode(lambda: list(compare_runs(session, session.encode("Hello"), gen, tree, vocab, LANES, False)))
     print(f"nanospec app: warmed up in {time.perf_counter() - started:.1f} s", flush=True)
 
 

@@ -1,4 +1,4 @@
-"""Command line: python -m nanospec_core {generate | bench | serve-bench | train-head | calibrate-head | space | ...}
+"""Command line: python -m nanospec_core {generate | bench | app-bench | serve-bench | train-head | calibrate-head | space | ...}
 
 Errors end the process with exit code 2 and one line on stderr (no traceback) for bad arguments, unknown models
 and bad files.
@@ -213,6 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_arguments(bench)
     bench.set_defaults(func=bench_run)
+
+    app_bench = sub.add_parser("app-bench", help="each app lane's tokens/s and round cost in the app vs outside it")
+    add_model_args(app_bench)
+    from .bench.app_bench import add_arguments as app_bench_arguments, run as app_bench_run
+
+    app_bench_arguments(app_bench)
+    app_bench.set_defaults(func=app_bench_run)
 
     train = sub.add_parser("train-head", help="train an EAGLE-3 (or EAGLE-2) head on the target's own answers")
     from .training.stage import add_arguments as train_arguments, run as train_run

@@ -130,7 +130,7 @@ class Session:
 
         path = cache_dir() / "round_overhead.json"
         entries = read_cache(path)
-        key = self._costs_key()
+        key = self.costs_key()
         if key not in entries:
             first = choose_tree(ranks, verify, level)
             steps = self.stream("nanospec", self.encode(CALIBRATION_PROMPT), GenerationConfig(max_new_tokens=48),
@@ -187,9 +187,10 @@ class Session:
         self.head  # noqa: B018 (the key names the head's folder)
         if load_acceptance(self._head_dir) is None:
             return None
-        return self._costs_key() in read_cache(cache_dir() / "tree_costs.json")
+        return self.costs_key() in read_cache(cache_dir() / "tree_costs.json")
 
-    def _costs_key(self) -> str:
+    def costs_key(self) -> str:
+        """What the cached costs of this session are keyed by: machine, torch, device, model, dtype, layout, head."""
         r = self.runtime
         return (f"{r.machine} | torch {torch.__version__} | {r.device} | {self.loaded.key} | {r.dtype} | "
                 f"{r.backbone_layout},{r.head_layout} | head {self._head_dir}")
@@ -198,7 +199,7 @@ class Session:
         from .machine import read_cache, write_cache
         from .profiling import tree_costs
 
-        key = self._costs_key()
+        key = self.costs_key()
         path = cache_dir() / "tree_costs.json"
         entries = read_cache(path)
         if key not in entries:

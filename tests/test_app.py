@@ -70,6 +70,23 @@ def test_greedy_outputs_are_identical_and_the_check_says_so(model):
     assert "Outputs identical: yes**, all 3 lanes" in final["identical"]
 
 
+def test_every_forward_of_a_comparison_runs_on_the_decode_thread(model, every_round, monkeypatch):
+    """Gradio calls next() from whichever worker is free; the lanes' forwards must all land on one thread."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nanospec_core import decode_thread
+
+    target, threads = app.SESSIONS.get(model).target, []
+    forward = target.forward
+    monkeypatch.setattr(target, "forward", lambda *a, **k: threads.append(threading.get_ident()) or forward(*a, **k))
+    handler = compare(PROMPT, model, **SMALL)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        while pool.submit(next, handler, None).result() is not None:
+            pass
+    assert len(threads) > 3 and set(threads) == {decode_thread.thread_id()}
+
+
 def test_sampling_check_does_not_claim_identity(model):
     final = named(list(compare(PROMPT, model, temperature=0.8, seed=3, **SMALL))[-1])
     assert final["plain_text"] and final["eagle_text"] and final["nanospec_text"]

@@ -1,6 +1,7 @@
 """Copy drafting: the incremental n-gram index equals a rescan, spans point at the copied text, branches merge into
 the draft tree without duplicate siblings, and the copy budget follows this machine's verify costs."""
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from hypothesis import strategies as st
 
 from nanospec_core.config import CopyConfig
 from nanospec_core.decoding.copy_draft import SCAN_PER_NGRAM, CopyAcceptance, CopyDrafter
-from nanospec_core.decoding.tree import DraftTree, add_branches
+from nanospec_core.decoding.tree import DraftTree, add_branches, held_prefix
 from nanospec_core.decoding.tree_choice import choose_copy, describe_copy, interpolate
 
 
@@ -198,3 +199,35 @@ def test_the_session_sets_the_copy_budget_from_its_measured_tree_and_costs(tmp_p
     assert budgets["dear"] == (0, 4)  # beside the head's tree nothing pays; lookup verifies from 1 token: 4 are cheap
     session._copy_choices, session._tree_choice = {}, TreeChoice.fixed(TreeConfig(), "no table")
     assert session.copy_choice("lookup") == CopyConfig()
+
+
+def test_the_head_trees_walk_says_how_much_of_a_chain_it_holds_and_whether_it_drafted_others_there():
+    a, b, c, d, e = 11, 12, 13, 14, 15
+    tree = DraftTree(torch.tensor([a, b, c]), torch.tensor([-1, -1, 0]), torch.tensor([1, 1, 2]), torch.zeros(3),
+                     host=([a, b, c], [-1, -1, 0]))
+    walk = held_prefix(tree)
+    assert [walk(chain) for chain in ([a, d], [b, d], [d], [a, c, e], [a, c])] == \
+        [(1, True), (1, False), (0, True), (2, False), (2, False)]
+    assert held_prefix(DraftTree.empty(torch.device("cpu")))([a]) == (0, False)  # no head: nothing to diverge from
+
+
+def test_where_the_head_drafted_other_tokens_a_copy_is_judged_by_its_own_lower_rate():
+    context = [4, 5, 6, 7, 8, 9, 4, 5]  # the copy proposes 6, 7, 8, 9
+    cfg = CopyConfig(length=4, prior=(0.5, 0.7, 0.8), diverge_prior=0.2, min_accept=0.3)
+    drafter = CopyDrafter(cfg)
+    drafter.begin(context)
+    (alone,) = drafter.branches()  # no head: P 0.5, 0.35 pass the 0.3 cut
+    assert alone.tokens == [6, 7] and not alone.diverged
+    assert drafter.branches(held=lambda chain: (0, True)) == []  # the head drafted others at the root: P 0.2 < 0.3
+    (beyond,) = drafter.branches(held=lambda chain: (1, False))  # the head holds 6 and drafted nothing deeper
+    assert beyond.tokens == [6, 7] and beyond.held == 1 and not beyond.diverged
+    (kept,) = drafter.branches(held=lambda chain: (2, True))  # 6, 7 held (free), then the head disagrees on 8
+    assert kept.tokens == [6, 7] and kept.held == 2  # 8 would be right with 0.35 * 0.2: cut
+    cheap = CopyDrafter(replace(cfg, min_accept=0.05))
+    cheap.begin(context)
+    (branch,) = cheap.branches(held=lambda chain: (1, True))
+    assert branch.diverged and branch.scores[:2] == pytest.approx([math.log(0.5), math.log(0.5 * 0.2)])
+    cheap.observe([branch], [len(branch.tokens)], accepted_tokens=[6, 3])  # 6 right (held), 7 rejected
+    n = branch.match
+    assert cheap.acceptance.diverged[n] == [1, 0]  # counted as a divergence, not as a_2
+    assert cheap.acceptance.tried[n][:2] == [1, 0] and cheap.acceptance.accepted[n][:2] == [1, 0]

@@ -20,6 +20,12 @@ conditional rates a_j = P(token j right | tokens before it right), estimated onl
 n (a continuation after a 4-token match is right more often than one after a single recurring token):
     a_j(n) = (accepted_j(n) + w * prior_j) / (tried_j(n) + w)       (Beta smoothing: w pseudo-counts of the prior)
 tried_j(n) counts the drafted chains of match n whose first j-1 tokens were accepted (token j was really judged).
+Beside a head, the tokens of a chain that the head's tree already holds cost nothing (they merge); the first one it
+does not hold, at a place where the head drafted other tokens, is right less often than a_j says (the head was
+wrong there more often than usual): it is judged by its own rate, counted apart,
+    e(n) = (accepted_diverged(n) + w * diverge_prior) / (tried_diverged(n) + w)
+so a request where copies only ever repeat what the head drafted anyway soon stops paying for nodes the head
+rejected.
 """
 from __future__ import annotations
 
@@ -42,6 +48,8 @@ class CopyCandidate:
 class CopyBranch(CopyCandidate):
     # the tree's node scores: cumulative log P(tokens 1..d right), d = 1..len(tokens)
     scores: list[float] = field(default_factory=list)
+    held: int = 0  # leading tokens the head's tree already holds (merged at no cost)
+    diverged: bool = False  # the head drafted other tokens at the place of token held + 1
 
 
 class CopyAcceptance:
@@ -52,13 +60,20 @@ class CopyAcceptance:
         self.cfg = cfg
         self.tried = {n: [0] * cfg.length for n in range(cfg.min_ngram, cfg.max_ngram + 1)}
         self.accepted = {n: [0] * cfg.length for n in range(cfg.min_ngram, cfg.max_ngram + 1)}
+        self.diverged = {n: [0, 0] for n in range(cfg.min_ngram, cfg.max_ngram + 1)}  # [tried, accepted]
 
     def conditional(self, depth: int, match: int) -> float:
         """a_depth (1-based) after a match of `match` tokens, Beta-smoothed toward the prior (the prior's last entry
         holds for deeper tokens)."""
-        prior = self.cfg.prior[min(depth, len(self.cfg.prior)) - 1]
+        prior = self.cfg.prior_at(depth, match)
         w = self.cfg.prior_weight
         return (self.accepted[match][depth - 1] + w * prior) / (self.tried[match][depth - 1] + w)
+
+    def diverge_rate(self, match: int) -> float:
+        """e(match): a copied token right where the head drafted others, Beta-smoothed toward diverge_prior."""
+        tried, accepted = self.diverged[match]
+        w = self.cfg.prior_weight
+        return (accepted + w * self.cfg.diverge_prior) / (tried + w)
 
     def chain_logp(self, length: int, match: int) -> list[float]:
         """log P(tokens 1..d right) for d = 1..length: running sums of log a_j."""
@@ -68,10 +83,15 @@ class CopyAcceptance:
             out.append(total)
         return out
 
-    def observe(self, drafted: int, accepted: int, match: int) -> None:
-        """One chain of `drafted` tokens (after a match of `match`) whose first `accepted` the target accepted."""
+    def observe(self, drafted: int, accepted: int, match: int, diverged_at: int = 0) -> None:
+        """One chain of `drafted` tokens (after a match of `match`) whose first `accepted` the target accepted;
+        diverged_at: the depth of its first token placed where the head drafted others (0: none), counted apart."""
         for depth in range(1, drafted + 1):
-            if accepted >= depth - 1:
+            if depth == diverged_at:
+                if accepted >= depth - 1:
+                    self.diverged[match][0] += 1
+                    self.diverged[match][1] += accepted >= depth
+            elif accepted >= depth - 1:
                 self.tried[match][depth - 1] += 1
                 self.accepted[match][depth - 1] += accepted >= depth
 
@@ -118,15 +138,24 @@ class CopyDrafter:
                     return found
         return found
 
-    def branches(self) -> list[CopyBranch]:
-        """The candidates cut where P(tokens 1..d right) falls under min_accept, with their node scores."""
+    def branches(self, held=None) -> list[CopyBranch]:
+        """The candidates cut where P(tokens 1..d right) falls under min_accept, with their node scores. held: the
+        head tree's walk (tree.held_prefix; None without a head): where a chain leaves the head's tree at a place
+        the head drafted others, that token's rate is e(n) instead of a_j (and so are the scores below it)."""
         floor = math.log(self.cfg.min_accept) if self.cfg.min_accept > 0 else -math.inf
         out = []
         for candidate in self.candidates():
-            scores = self.acceptance.chain_logp(len(candidate.tokens), candidate.match)
+            n, tokens = candidate.match, candidate.tokens
+            scores = self.acceptance.chain_logp(len(tokens), n)
+            prefix, diverged = held(tokens) if held is not None else (0, False)
+            diverged = diverged and prefix < len(tokens)
+            if diverged:  # log a_{prefix+1} -> log e(n) from that token down
+                shift = math.log(self.acceptance.diverge_rate(n)) - math.log(self.acceptance.conditional(prefix + 1, n))
+                scores = scores[:prefix] + [s + shift for s in scores[prefix:]]
             keep = sum(1 for s in scores if s >= floor)  # scores fall with depth: the kept ones are a prefix
             if keep:
-                out.append(CopyBranch(candidate.tokens[:keep], candidate.start, candidate.match, scores[:keep]))
+                out.append(CopyBranch(tokens[:keep], candidate.start, n, scores[:keep], min(prefix, keep),
+                                      diverged and keep > prefix))
         return out
 
     def observe(self, branches: list[CopyBranch], entered: list[int], accepted_tokens: list[int]) -> None:
@@ -137,7 +166,8 @@ class CopyDrafter:
             agree = 0
             while agree < min(length, len(accepted_tokens)) and branch.tokens[agree] == accepted_tokens[agree]:
                 agree += 1
-            self.acceptance.observe(length, agree, branch.match)
+            diverged_at = branch.held + 1 if branch.diverged and length > branch.held else 0
+            self.acceptance.observe(length, agree, branch.match, diverged_at)
 
 
 class NoCopy:
@@ -151,7 +181,7 @@ class NoCopy:
     def extend(self, tokens: list[int]) -> None:
         pass
 
-    def branches(self) -> list[CopyBranch]:
+    def branches(self, held=None) -> list[CopyBranch]:
         return []
 
     def observe(self, branches: list[CopyBranch], entered: list[int], accepted_tokens: list[int]) -> None:

@@ -30,7 +30,7 @@ from .copy_draft import CopyDrafter, NoCopy
 from .head_draft import HeadDrafter, NoHead
 from .host import read, to_device
 from .request import Request, Spans, choose, clip_tokens
-from .tree import DraftTree, add_branches
+from .tree import DraftTree, add_branches, held_prefix
 from .verify import Acceptance, verify_greedy, verify_sampling
 
 
@@ -71,7 +71,7 @@ def speculative_decode(target: TargetModel, head: DraftHead | None, policy: Voca
         # --- draft: the head's tree, then the copy branches merged into it -----------------------------
         t_draft = spans.mark()
         head_tree = drafter.draft()
-        branches = copier.branches()
+        branches = copier.branches(held_prefix(head_tree))  # the head's nodes a copy repeats cost nothing
         tree, chains = add_branches(head_tree, [(b.tokens, b.scores) for b in branches], copier.max_nodes)
         spans.add("draft", t_draft)
 

@@ -235,6 +235,32 @@ def _rerank(cands: _Candidates, total_tokens: int) -> DraftTree:
                      host=(host_tokens[:count], host_parents[:count]))
 
 
+def held_prefix(tree: DraftTree) -> Callable[[list[int]], tuple[int, bool]]:
+    """For a root-down chain of tokens: how many of its leading tokens the tree already holds, and whether the tree
+    drafted other tokens at the next place (the node reached has children, none of them the chain's next token) or
+    simply stops there (a leaf: it drafted nothing deeper). add_branches walks chains the same way.
+
+    Tree tokens [a, b, c], parents [-1, -1, 0]: [a, d] -> (1, True) (a's child is c, not d); [b, d] -> (1, False)
+    (b is a leaf); [d] -> (0, True) (the root's children are a and b); [a, c, e] -> (2, False) (c is a leaf).
+    """
+    tokens, parents = tree.host if tree.host is not None else read(tree.tokens, tree.parents)
+    child: dict[tuple[int, int], int] = {}
+    for node, (token, parent) in enumerate(zip(tokens, parents)):
+        child.setdefault((parent, token), node)
+    inner = set(parents)  # nodes with children (-1: the root, when anything was drafted)
+
+    def walk(chain: list[int]) -> tuple[int, bool]:
+        node = -1
+        for held, token in enumerate(chain):
+            found = child.get((node, token))
+            if found is None:
+                return held, node in inner
+            node = found
+        return len(chain), False
+
+    return walk
+
+
 def add_branches(tree: DraftTree, branches: list[tuple[list[int], list[float]]],
                  max_new: int) -> tuple[DraftTree, list[list[int]]]:
     """Merge root-down token chains (copy drafts, with their node scores) into the tree as extra branches.

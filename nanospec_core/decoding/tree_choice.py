@@ -113,6 +113,7 @@ class TreeChoice:
     reason: str  # one line: how it was chosen
     plain_ms: float | None = None  # one plain decoding step here: a one-token forward and its logits (measured)
     overhead_ms: float = 0.0  # per round, beyond draft + verify: the engine's bookkeeping (measured on real rounds)
+    correction: str = ""  # how its costs were scaled to what a server measured (views/app_costs.py), if they were
 
     @classmethod
     def fixed(cls, tree: TreeConfig, reason: str) -> "TreeChoice":
@@ -221,16 +222,16 @@ def choose_copy(verify_ms: Callable[[int], float], round_ms: float, nodes: int, 
     verify node costs dv = verify_ms(nodes + 2) - verify_ms(nodes + 1) and adds its acceptance probability P:
         (tau + P) / (round_ms + dv) > tau / round_ms   <=>   P > dv * tau / round_ms      (the break-even P)
     Per round (max_nodes): the chain length L of highest expected tokens/s when a match exists, the copy right to
-    depth d with c_d = prior_1 * ... * prior_d, independent of the head's own tree (either one holding depth d
-    commits it):
+    depth d with c_d = prior_1 * ... * prior_d (the longest match's), independent of the head's own tree (either
+    one holding depth d commits it):
         E[committed](L) = 1 + sum_d [1 - (1 - h_d)(1 - c_d)],  cost(L) = round_ms + verify_ms(nodes + 1 + L)
                           - verify_ms(nodes + 1);   max_nodes = L* (0: copies cannot pay here), shared by the
                           branches in their order (a later one gets the nodes an earlier, shorter one left)
     """
     base = base or CopyConfig()
 
-    def prior(depth: int) -> float:
-        return base.prior[min(depth, len(base.prior)) - 1]
+    def prior(depth: int) -> float:  # the longest match's row: the budget must let the likeliest copies in
+        return base.prior_at(depth, base.max_ngram)
 
     def speed(length: int) -> float:
         chain = np.cumprod([prior(d) for d in range(1, length + 1)]).tolist()

@@ -214,7 +214,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def summary_frame(traces: list[RunTrace] | tuple[RunTrace, ...]) -> pd.DataFrame:
     """One row per lane: tokens/s, speedup vs the first lane (plain decoding) and vs EAGLE, tau, draft/verify ms
-    per round, active vocabulary, coverage."""
+    per round and the whole round (the lane's own time, prefill left out), active vocabulary, coverage."""
     tps = {t.method: (t.summary().tokens_per_s if t.wall_s > 0 else None) for t in traces}
     reference, eagle = tps[traces[0].method], tps.get("eagle")
     rows = []
@@ -228,6 +228,7 @@ def summary_frame(traces: list[RunTrace] | tuple[RunTrace, ...]) -> pd.DataFrame
             "tau": round(s.mean_accepted, 3) if s.mean_accepted is not None else None,
             "draft ms/round": round(1e3 * s.draft_s / s.rounds, 2) if s.rounds and s.draft_s else None,
             "verify ms/round": round(1e3 * s.verify_s / s.rounds, 2) if s.rounds else None,
+            "ms/round": round(1e3 * (s.wall_s - s.prefill_s) / s.rounds, 2) if s.rounds else None,  # all of it
             "avg active vocab": round(s.avg_active_vocab) if s.avg_active_vocab is not None else None,
             "coverage": round(s.coverage, 4) if s.coverage is not None else None,
             "new tokens": s.new_tokens,

@@ -105,7 +105,7 @@ def prediction_lines(lane: LaneCost, plain: float, choice) -> list[str]:
     return [f"The tree chooser predicted {choice.expected_tokens_per_s:.1f} tok/s for this tree ({choice.expected_tau:.2f} "
             f"tokens per {choice.round_ms:.0f} ms round, plain {choice.plain_tokens_per_s:.1f} tok/s); measured: "
             f"{lane.tokens_per_s:.1f} tok/s ({lane.tau:.2f} tokens per {lane.round_ms:.0f} ms round, plain "
-            f"{1e3 / plain:.1f} tok/s)."]
+            f"{1e3 / plain:.1f} tok/s)." + (f" The forecast used {choice.correction}." if choice.correction else "")]
 
 
 def where_it_pays(lane: LaneCost, plain: float, verify_curve: dict[int, float] | None) -> list[str]:
