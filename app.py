@@ -20,7 +20,7 @@ import gradio as gr
 import torch
 
 from nanospec_core.views import app_costs, locality_view, ui, zero_gpu
-from nanospec_core.compare import DEFAULT_METHODS, RunTrace, compare_runs, first_difference, top2_margin
+from nanospec_core.compare import RunTrace, compare_runs, first_difference, lanes, top2_margin
 from nanospec_core.config import METHODS, GenerationConfig
 from nanospec_core.decode_thread import call as on_decode, on_decode_thread  # every forward on one thread
 from nanospec_core.errors import NanoSpecError
@@ -40,7 +40,6 @@ QUESTIONS = str(DEFAULT_QUESTIONS)  # NANOSPEC_QUESTIONS overrides it (nanospec_
 UPDATE_EVERY_S = 0.25  # texts and table refresh at most this often (the last round always shows)
 CHART_EVERY_S = 1.5  # charts and the locality view: plotly redraws are the browser's heaviest work
 SETTINGS = list(ui.LIMITS)  # max_new_tokens, temperature, seed, depth, top_k, total_tokens, capacity, ...
-LANES = DEFAULT_METHODS  # plain decoding (the reference), plain EAGLE, EAGLE + NanoSpec: one round each in turn
 OUTPUTS = ["plain_text", "eagle_text", "nanospec_text", "status", "identical", "summary", "why", "vocab_plot",
            "latency_plot", "locality", "growth_plot", "origins", "round_slider", "nanospec_tree", "eagle_tree",
            "round_details", "rounds"]  # order of the compare handler's updates; /compare returns all but `rounds`
@@ -57,14 +56,6 @@ def user_error(error: Exception) -> gr.Error:
     return gr.Error(f"generation failed: {type(error).__name__}: {first}")
 
 
-def check_precision(label) -> str:
-    if label in ui.PRECISIONS.values():
-        return label
-    if label not in ui.PRECISIONS:
-        raise NanoSpecError(f"precision must be one of {', '.join(ui.PRECISIONS)}, got {label!r}")
-    return SESSIONS.dtype if ui.PRECISIONS[label] == "auto" else ui.PRECISIONS[label]
-
-
 def prepare(prompt, model, values: dict, precision=None):
     """Checked inputs -> (session, prompt ids, gen, tree, vocab, (model, dtype)); gr.Error with one clear line if
     anything is off."""
@@ -72,7 +63,7 @@ def prepare(prompt, model, values: dict, precision=None):
         prompt = ui.check_prompt(prompt)
         model = ui.check_model_name(model)
         gen, tree, vocab = ui.parse_settings(**values)
-        dtype = check_precision(precision) if precision is not None else SESSIONS.dtype
+        dtype = ui.check_precision(precision, SESSIONS.dtype) if precision is not None else SESSIONS.dtype
         if not SESSIONS.loaded(model, dtype):
             gr.Info(f"Loading model '{model}' ({dtype}; first use, this can take a minute) ...")
         session = SESSIONS.get(model, dtype)
@@ -90,14 +81,15 @@ class View:
     round view follows the newest round; once done it shows the round with the longest accepted path."""
 
     def __init__(self, session: Session, gen: GenerationConfig, capacity: int, prompt_ids=None,
-                 key: tuple[str, str] | None = None, tree=None):
-        self.session, self.gen, self.prompt_ids = session, gen, prompt_ids
+                 key: tuple[str, str] | None = None, tree=None, methods=lanes(ui.COPIES)):
+        self.session, self.gen, self.prompt_ids, self.methods = session, gen, prompt_ids, methods
         self.raw = session.tree_prediction(tree) if tree is not None else None  # the cost model's view
-        self.prediction = app_costs.corrected(self.raw, app_costs.load(session.costs_key()))  # and the app's runs
+        self.costs = app_costs.key(session, methods[2])
+        self.prediction = app_costs.corrected(self.raw, app_costs.load(self.costs))  # and the app's runs
         self.key = key  # (model, precision) of SESSIONS: the round view's later redraws find the session by it
         self.axes = ui.ChartAxes(gen.max_new_tokens, capacity)
         self.pieces: list[str] = []
-        self.last_update = self.last_charts = 0.0
+        self.last_update = self.last_charts = self.render_s = 0.0  # render_s: time spent building updates
 
     def due(self, done: bool) -> bool:
         return done or time.perf_counter() - self.last_update >= UPDATE_EVERY_S
@@ -116,7 +108,7 @@ class View:
 
     def rounds_update(self, snap, done: bool) -> dict:
         """The slider, both trees and the details for the round to show now, and the state the slider reads."""
-        nanospec, eagle = snap[LANES[2]], snap["eagle"]
+        eagle, nanospec = snap.traces[1:]
         rounds = drafted_rounds(nanospec)
         if not rounds:
             return {}
@@ -131,7 +123,7 @@ class View:
 
     def render(self, snap, done: bool) -> tuple:
         now = self.last_update = time.perf_counter()
-        traces, eagle, nanospec = snap.traces, snap["eagle"], snap[LANES[2]]
+        traces, (eagle, nanospec) = snap.traces, snap.traces[1:]
         dtype = str(self.session.dtype).removeprefix("torch.")
         values = {
             "plain_text": traces[0].text, "eagle_text": eagle.text, "nanospec_text": nanospec.text,
@@ -145,7 +137,7 @@ class View:
             values["why"] = why_markdown(list(traces), self.prediction, self.session.tree_costs()["verify"]
                                          if self.prediction else None, self.session.target.vocab_size,
                                          self.session.runtime.machine)
-            app_costs.record(self.session.costs_key(), traces[0], nanospec, self.raw)  # the next forecast's scale
+            app_costs.record(self.costs, traces[0], nanospec, self.raw)  # the next forecast's scale
         if done or now - self.last_charts >= CHART_EVERY_S:
             self.last_charts = now
             self.axes.fit(eagle, nanospec)
@@ -159,6 +151,7 @@ class View:
                 "origins": locality_view.origin_shares(nanospec),
                 **self.rounds_update(snap, done),
             })
+        self.render_s += time.perf_counter() - now  # (the tuple below costs nothing next to the figures)
         return tuple(values.get(name, gr.skip()) for name in OUTPUTS)
 
 
@@ -170,18 +163,21 @@ def compare(prompt: str, model: str = MODEL, max_new_tokens=D["max_new_tokens"],
             seed=D["seed"], depth=D["depth"], top_k=D["top_k"], total_tokens=D["total_tokens"],
             capacity=D["capacity"], prompt_topk=D["prompt_topk"], node_topk=D["node_topk"],
             static_core=D["static_core"], fallback_threshold=D["fallback_threshold"],
-            precision=next(iter(ui.PRECISIONS))):
-    """Stream plain decoding, plain EAGLE and EAGLE + NanoSpec, one round of each in turn; the last update carries
-    the three final texts. precision: a ui.PRECISIONS label (or 'auto' / 'float32')."""
+            precision=next(iter(ui.PRECISIONS)), copies=ui.COPIES):
+    """Stream plain decoding, EAGLE and EAGLE + NanoSpec (copies: both with copy branches), a round of each in turn;
+    the last update carries the final texts. precision: a ui.PRECISIONS label (or 'auto' / 'float32')."""
     arguments = dict(locals())
     values = {name: arguments[name] for name in SETTINGS}
     session, prompt_ids, gen, tree, vocab, key = prepare(prompt, model, values, precision)
-    view = View(session, gen, vocab.capacity, prompt_ids, key, tree)
-    runs = on_decode_thread(compare_runs(session, prompt_ids, gen, tree, vocab, methods=LANES))
+    view = View(session, gen, vocab.capacity, prompt_ids, key, tree, lanes(bool(copies)))
+    runs = on_decode_thread(compare_runs(session, prompt_ids, gen, tree, vocab, methods=view.methods))
+    started = time.perf_counter()
     try:
         for snap in runs:
             if view.due(snap.done):
                 yield view.render(snap, snap.done)
+        print(f"nanospec app: profile {ui.profile_line(snap.traces, view.render_s, time.perf_counter() - started)}",
+              flush=True)  # where the handler's time went (bench/app_bench.py reads it)
     except Exception as error:  # noqa: BLE001
         raise user_error(error) from None
     finally:
@@ -194,10 +190,8 @@ def show_round(rounds, round_number):
         return gr.skip(), gr.skip(), "Run a comparison first."
     try:
         (model, dtype), traces = rounds
-        by_method = {trace.method: trace for trace in traces}
         session = SESSIONS.get(model, dtype)
-        view = round_view(by_method[LANES[2]], by_method.get("eagle"), round_number, session.decode,
-                          session.target.vocab_size)
+        view = round_view(traces[2], traces[1], round_number, session.decode, session.target.vocab_size)
     except Exception as error:  # noqa: BLE001
         raise user_error(error) from None
     return view.nanospec_figure, view.eagle_figure, view.details
@@ -227,7 +221,7 @@ def benchmark(categories, limit, max_new_tokens, methods, model, *settings, prog
             raise NanoSpecError(f"the questions file {QUESTIONS} is missing: set NANOSPEC_QUESTIONS")
         gen, tree, vocab = ui.parse_settings(**values)
         questions = load_questions(QUESTIONS, list(categories or []) or None, int(limit))
-        dtype = check_precision(precision) if precision is not None else None
+        dtype = ui.check_precision(precision, SESSIONS.dtype) if precision is not None else None
         session = SESSIONS.get(ui.check_model_name(model), dtype)
         result = on_decode(run_benchmark, session, questions, list(methods), gen, tree, vocab,
                            progress=lambda fraction, text: progress(fraction, desc=text))
@@ -265,7 +259,7 @@ def settings_controls(tree: dict, tree_info: str | None) -> list:
 
 def empty_charts() -> dict:
     """The charts before any run, axes for the default settings: the frames are in place (and plotly.js loaded)."""
-    left, right = RunTrace("eagle"), RunTrace(LANES[2])
+    left, right = RunTrace("eagle"), RunTrace("nanospec")
     axes = ui.ChartAxes(ui.DEFAULTS["max_new_tokens"], ui.DEFAULTS["capacity"])
     return {"vocab_plot": ui.vocab_hit_figure(right, axes), "latency_plot": ui.latency_figure(left, right, axes),
             "growth_plot": locality_view.growth_figure(right, axes.max_new_tokens)}
@@ -282,7 +276,8 @@ def build_app(banner: str = "", session: Session | None = None) -> gr.Blocks:
                     "draft head scores only the few hundred to few thousand token ids **of this context** instead of "
                     "the whole vocabulary. Training-free, lossless (the target verifies every token), built for "
                     "CPUs. Three lanes on the same machine, one round each in turn so their timings are fair: the "
-                    "target alone (no speculation), plain EAGLE, and EAGLE + NanoSpec.")
+                    "target alone (no speculation), plain EAGLE, and EAGLE + NanoSpec. With *copy branches* on, both "
+                    "EAGLE lanes also draft spans copied from the context (phrases re-used, not just token ids).")
         gr.Markdown(f"**Warning:** {banner}", visible=bool(banner), elem_classes="nanospec-banner")
         with gr.Tab("Compare"):
             with gr.Row():
@@ -295,12 +290,15 @@ def build_app(banner: str = "", session: Session | None = None) -> gr.Blocks:
                                          elem_id="precision",
                                          info="fastest: the dtype measured fastest here; float32: outputs equal "
                                               "plain greedy decoding token for token")
+                    copies = gr.Checkbox(ui.COPIES, label="copy branches", elem_id="copies",
+                                         info="both EAGLE lanes also draft spans copied from the context")
                     generate = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop = gr.Button("Stop", variant="stop", elem_id="stop")
             gr.Examples([[p] for _, p in ui.EXAMPLES], inputs=[prompt], example_labels=[k for k, _ in ui.EXAMPLES],
                         cache_examples=False, label="Examples (code, chat, math, summarisation, translation)")
             controls = settings_controls(tree, tree_info)
-            forecast = ui.forecast(app_costs.forecast_for(session, session.tree_choice().tree)) if measured else ""
+            forecast = ui.forecast(app_costs.forecast_for(session, session.tree_choice().tree, lanes(ui.COPIES)[2])
+                                   ) if measured else ""
             status = gr.Markdown(forecast, elem_id="status")
             summary = gr.Dataframe(label="Speed (vs plain decoding: the target alone; vs EAGLE: the same tree with "
                                          "the full-vocabulary draft lm head)", interactive=False, elem_id="summary")
@@ -308,8 +306,8 @@ def build_app(banner: str = "", session: Session | None = None) -> gr.Blocks:
                 text_box = lambda label, key: gr.Textbox(  # noqa: E731
                     label=label, lines=10, max_lines=20, interactive=False, elem_id=key, buttons=["copy"])
                 plain_text = text_box("Plain decoding (no speculation)", "plain-output")
-                eagle_text = text_box("Plain EAGLE", "eagle-output")
-                nanospec_text = text_box("EAGLE + NanoSpec", "nanospec-output")
+                eagle_text, nanospec_text = (text_box(ui.lane_label(method), f"{lane}-output") for method, lane
+                                             in zip(lanes(ui.COPIES)[1:], ("eagle", "nanospec")))
             identical = gr.Markdown(elem_id="identical")
             why = gr.Markdown(elem_id="why")
             locality = gr.HighlightedText(label="NanoSpec's output by where each token's id entered the active set "
@@ -361,12 +359,14 @@ def build_app(banner: str = "", session: Session | None = None) -> gr.Blocks:
                    "latency_plot": latency_plot, "locality": locality, "growth_plot": growth_plot,
                    "origins": origins, "round_slider": round_slider, "nanospec_tree": nanospec_tree,
                    "eagle_tree": eagle_tree, "round_details": round_details, "rounds": rounds}
-        run = generate.click(compare, [prompt, model, *controls, precision], [outputs[name] for name in OUTPUTS],
+        run = generate.click(compare, [prompt, model, *controls, precision, copies], [outputs[n] for n in OUTPUTS],
                              api_name="compare", concurrency_id="cpu", show_progress="minimal")
         round_slider.input(show_round, [rounds, round_slider], [nanospec_tree, eagle_tree, round_details],
                            api_visibility="private", trigger_mode="always_last", concurrency_limit=None,
                            show_progress="hidden")
         stop.click(None, None, None, cancels=[run], api_visibility="private")
+        copies.change(lambda on: [gr.Textbox(label=ui.lane_label(m)) for m in lanes(on)[1:]], copies,
+                      [eagle_text, nanospec_text], api_visibility="private", show_progress="hidden")
         run_bench.click(benchmark, [bench_categories, bench_limit, bench_tokens, bench_methods, model, *controls,
                                     precision],
                         [bench_table, bench_speedup, bench_split], api_name="benchmark", concurrency_id="cpu")
@@ -377,7 +377,7 @@ def warm_up(session: Session) -> None:
     """One short comparison, thrown away: first-call costs (allocator, kernels) stay out of the first user's run."""
     started = time.perf_counter()
     gen, tree, vocab = ui.parse_settings(max_new_tokens=8)
-    on_decode(lambda: list(compare_runs(session, session.encode("Hello"), gen, tree, vocab, LANES, False)))
+    on_decode(lambda: list(compare_runs(session, session.encode("Hello"), gen, tree, vocab, lanes(ui.COPIES), False)))
     print(f"nanospec app: warmed up in {time.perf_counter() - started:.1f} s", flush=True)
 
 

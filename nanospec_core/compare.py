@@ -26,7 +26,15 @@ from .metrics import RunSummary, StepStats, summarize
 
 # The app's lanes: the target alone (our KV-cached loop, one token per forward), plain EAGLE-2 (full-vocabulary
 # draft lm head) and EAGLE-2 + NanoSpec. The first is the reference every speedup and equality check is against.
+# With copies on, both EAGLE lanes also draft spans copied from the context (decoding/copy_draft.py): the same
+# treatment, so EAGLE against NanoSpec still measures the vocabulary alone.
 DEFAULT_METHODS = ("vanilla", "eagle", "nanospec")
+COPY_LANES = ("vanilla", "eagle+copy", "nanospec+copy")
+
+
+def lanes(copies: bool) -> tuple[str, str, str]:
+    """The app's three lanes: the reference, EAGLE, EAGLE + NanoSpec (each with copy branches if `copies`)."""
+    return COPY_LANES if copies else DEFAULT_METHODS
 
 
 @dataclass

@@ -7,7 +7,7 @@ import torch
 
 import app
 from nanospec_core.views import locality_view, session_cache, ui
-from nanospec_core.compare import RunTrace, first_difference
+from nanospec_core.compare import RunTrace, first_difference, lanes
 from nanospec_core.config import GenerationConfig, TreeConfig, VocabConfig
 from nanospec_core.decoding.tree_choice import TreeChoice
 from nanospec_core.machine import RuntimeChoice
@@ -35,10 +35,10 @@ def every_round(monkeypatch):
     monkeypatch.setattr(app, "CHART_EVERY_S", 0.0)
 
 
-def compare(prompt, model, **settings):
+def compare(prompt, model, copies=ui.COPIES, **settings):
     """The handler as Gradio calls it: positional values in the order of the controls."""
     values = {**ui.DEFAULTS, **settings}
-    return app.compare(prompt, model, *(values[name] for name in app.SETTINGS))
+    return app.compare(prompt, model, *(values[name] for name in app.SETTINGS), next(iter(ui.PRECISIONS)), copies)
 
 
 def named(update) -> dict:
@@ -56,7 +56,7 @@ def test_three_texts_stream_and_the_last_update_carries_the_final_texts(model, e
         assert any(0 < len(u[key]) < len(updates[-1][key]) for u in updates[:-1])
     session = app.SESSIONS.get(model)
     gen, tree, vocab = ui.parse_settings(**SMALL)
-    for method, key in (("vanilla", "plain_text"), ("eagle", "eagle_text"), ("nanospec", "nanospec_text")):
+    for method, key in zip(lanes(ui.COPIES), ("plain_text", "eagle_text", "nanospec_text")):
         assert updates[-1][key] == session.generate(method, PROMPT, gen, tree=tree, vocab=vocab).text
     final = updates[-1]
     assert final["status"].startswith("done")
@@ -93,8 +93,17 @@ def test_sampling_check_does_not_claim_identity(model):
     assert "temperature > 0" in final["identical"]
 
 
+@pytest.mark.parametrize("copies", [False, True])
+def test_the_copy_switch_gives_both_eagle_lanes_copy_branches(model, copies):
+    final = named(list(compare(PROMPT, model, copies=copies, **SMALL))[-1])
+    (_, traces), suffix = final["rounds"], " + copies" if copies else ""
+    assert [t.method for t in traces] == ["vanilla", "eagle" + "+copy" * copies, "nanospec" + "+copy" * copies]
+    assert list(final["summary"].method) == ["Plain decoding", "EAGLE" + suffix, "EAGLE + NanoSpec" + suffix]
+    assert final["plain_text"] == final["eagle_text"] == final["nanospec_text"]  # float32: lossless either way
+
+
 def test_summary_table_gives_speedups_against_plain_decoding_and_eagle(model):
-    table = named(list(compare(PROMPT, model, **SMALL))[-1])["summary"]
+    table = named(list(compare(PROMPT, model, copies=False, **SMALL))[-1])["summary"]
     assert list(table.method) == ["Plain decoding", "EAGLE", "EAGLE + NanoSpec"]
     for column in ("tokens/s", "tau", "draft ms/round", "vs plain decoding", "vs EAGLE", "avg active vocab",
                    "coverage"):
@@ -161,11 +170,16 @@ def test_stop_closes_every_run_and_frees_its_state(model, every_round, monkeypat
 
 
 def test_session_cache_keeps_at_most_two_models_and_notes_random_heads(monkeypatch):
-    built = []
+    from nanospec_core import decode_thread
+
+    built, threads = [], set()
 
     class FakeSession:
         def __init__(self, name, dtype, device, head):
+            import threading
+
             built.append((name, head))
+            threads.add(threading.get_ident())
             self.head = object()
             self.runtime = RuntimeChoice(device="cpu", dtype=dtype, source="given")
             self.converted_before = None  # not a packaged model (the cache's start-up line)
@@ -186,12 +200,13 @@ def test_session_cache_keeps_at_most_two_models_and_notes_random_heads(monkeypat
     assert built[-1][0] == "a" and list(cache.sessions)[-1] == ("a", "bfloat16")
     assert all(head == "random" for _, head in built)  # no head ships for these names
     assert "RANDOM head" in cache.notes["a"]
+    assert threads == {decode_thread.thread_id()}  # loaded where they will decode (views/session_cache.py says why)
 
 
 def test_compare_parameters_follow_the_controls_order():
     import inspect
 
-    assert list(inspect.signature(app.compare).parameters) == ["prompt", "model", *app.SETTINGS, "precision"]
+    assert list(inspect.signature(app.compare).parameters) == ["prompt", "model", *app.SETTINGS, "precision", "copies"]
 
 
 def test_benchmark_tab_runs_a_small_spec_bench_selection(model, tmp_path, monkeypatch):
@@ -284,6 +299,38 @@ def test_compare_endpoint_streams_the_three_texts_over_http(app_server):
     assert status.startswith("done") and "Outputs identical: yes" in identical
 
 
+def test_a_lanes_round_costs_in_the_served_app_what_it_costs_outside(app_server, model):
+    """The server adds nothing inside a lane's rounds: per lane, ms per round in the launched app (its summary
+    table, read over HTTP) against the same lanes alternated in this process by compare_runs, same tiny model, one
+    thread each, best of 3 on both sides. A ratio, not a timed threshold: work the server does beside the rounds
+    (views, serialisation, an event loop holding the GIL) shows up as a ratio above 1."""
+    from gradio_client import Client
+
+    from nanospec_core.bench.app_bench import frame_rows
+    from nanospec_core.compare import compare_runs
+
+    values = {**ui.DEFAULTS, "max_new_tokens": 48}
+    client, methods = Client(app_server.url, verbose=False), lanes(ui.COPIES)
+    served = {m: [] for m in methods}
+    for _ in range(3):
+        outputs = client.predict(PROMPT, model, *(values[n] for n in app.SETTINGS), "float32: exact greedy equality",
+                                 ui.COPIES, api_name="/compare")
+        rows = frame_rows(outputs[app.OUTPUTS.index("summary")])
+        for m in methods:
+            served[m].append(rows[ui.lane_label(m)]["ms_per_round"])
+    session = app.SESSIONS.get(model, "float32")
+    gen, tree, vocab = ui.parse_settings(**values)
+    outside = {m: [] for m in methods}
+    for _ in range(3):
+        for snap in compare_runs(session, session.encode(PROMPT), gen, tree, vocab, methods=methods):
+            pass
+        for trace in snap.traces:
+            s = trace.summary()
+            outside[trace.method].append(1e3 * (s.wall_s - s.prefill_s) / s.rounds)
+    ratios = {m: min(served[m]) / min(outside[m]) for m in methods}
+    assert all(r < 1.5 for r in ratios.values()), ratios
+
+
 def test_a_bf16_divergence_is_explained_with_the_target_margin():
     left, right = trace("eagle", 2), trace("nanospec", 2)
     right.token_ids = right.token_ids[:3] + [99] + right.token_ids[4:]
@@ -317,7 +364,7 @@ def test_the_round_view_shows_a_tree_and_the_slider_picks_another_round(model):
     final = named(list(compare(PROMPT, model, **{**SMALL, "max_new_tokens": 24}))[-1])
     slider, rounds = final["round_slider"], final["rounds"]
     (key, traces) = rounds
-    nanospec = next(t for t in traces if t.method == "nanospec")
+    nanospec = traces[2]
     assert slider.maximum == len(nanospec.rounds) >= 2 and slider.interactive
     shown = slider.value  # once done: the round with the longest accepted path
     assert len(nanospec.rounds[shown - 1].tree.path) == max(len(s.tree.path) for s in nanospec.rounds)

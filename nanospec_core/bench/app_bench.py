@@ -17,8 +17,11 @@ import json
 import time
 from pathlib import Path
 
-from ..compare import DEFAULT_METHODS, compare_runs
+from ..compare import compare_runs, lanes
 from ..errors import NanoSpecError
+from ..views import app_costs, ui
+
+LANES = lanes(ui.COPIES)  # the app's default lanes
 
 
 def add_arguments(parser) -> None:
@@ -43,15 +46,20 @@ def frame_rows(frame) -> dict[str, dict]:
                             "ms_per_round": row["ms/round"]} for row in rows}
 
 
-def through_app(client, prompt: str, values: dict) -> dict[str, dict]:
+def through_app(client, prompt: str, values: dict, log: Path) -> dict:
+    """One comparison over HTTP: the lanes' rows from the final summary, the client's wall time, and the handler's
+    own profile line from the server's log (app.py prints one per finished comparison)."""
     import app  # the repository's app module: its output order and control names
 
-    from ..views import ui
-
+    started = time.perf_counter()
     outputs = client.predict(prompt, app.MODEL, *(values[name] for name in app.SETTINGS), next(iter(ui.PRECISIONS)),
-                             api_name="/compare")
+                             ui.COPIES, api_name="/compare")
+    wall = time.perf_counter() - started
     labelled = frame_rows(outputs[app.OUTPUTS.index("summary")])
-    return {method: labelled[ui.lane_label(method)] for method in DEFAULT_METHODS}
+    marker = "nanospec app: profile "
+    profiles = [line.split(marker, 1)[1] for line in log.read_text().splitlines() if marker in line]
+    return {"lanes": {method: labelled[ui.lane_label(method)] for method in LANES}, "client_s": round(wall, 4),
+            "profile": json.loads(profiles[-1]) if profiles else None}
 
 
 def ratio(a, b):
@@ -63,18 +71,32 @@ def markdown(results: list[dict], machine: str) -> str:
              "| example | lane | cli tok/s | outside tok/s | app tok/s | app / cli | app / outside | "
              "cli ms/round | app ms/round |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        for method in DEFAULT_METHODS:
+        for method in LANES:
             c, o, a = r["cli"][method], r["outside"][method], r["app"][method]
             lines.append(f"| {r['example']} | {method} | {c['tokens_per_s']:.2f} | {o['tokens_per_s']:.2f} | "
                          f"{a['tokens_per_s']:.2f} | {ratio(a['tokens_per_s'], c['tokens_per_s'])} | "
                          f"{ratio(a['tokens_per_s'], o['tokens_per_s'])} | {c['ms_per_round']:.1f} | "
                          f"{a['ms_per_round']:.1f} |")
-    lines += ["", "| example | forecast plain step ms | app plain step ms | forecast / app | forecast round ms | "
-                  "app NanoSpec round ms | forecast / app |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "Forecast: the cost model's (`model`) and the app's, corrected by its earlier runs here (`shown`, "
+                  "views/app_costs.py), against the app's measured plain step and NanoSpec round.", "",
+              "| example | plain ms: model / shown / app | model / app | shown / app | round ms: model / shown / app | "
+              "model / app | shown / app |", "|---|---|---|---|---|---|---|"]
     for r in results:
-        f, plain, round_ = r["forecast"], r["app"]["vanilla"]["ms_per_round"], r["app"]["nanospec"]["ms_per_round"]
-        lines.append(f"| {r['example']} | {f['plain_ms']:.1f} | {plain:.1f} | {ratio(f['plain_ms'], plain)} | "
-                     f"{f['round_ms']:.1f} | {round_:.1f} | {ratio(f['round_ms'], round_)} |")
+        m, f = r["model"], r["forecast"]
+        plain, round_ = r["app"][LANES[0]]["ms_per_round"], r["app"][LANES[2]]["ms_per_round"]
+        lines.append(f"| {r['example']} | {m['plain_ms']:.1f} / {f['plain_ms']:.1f} / {plain:.1f} | "
+                     f"{ratio(m['plain_ms'], plain)} | {ratio(f['plain_ms'], plain)} | "
+                     f"{m['round_ms']:.1f} / {f['round_ms']:.1f} / {round_:.1f} | {ratio(m['round_ms'], round_)} | "
+                     f"{ratio(f['round_ms'], round_)} |")
+    lines += ["", "Where the app's time goes (seconds per comparison; the handler's own profile line, and the client's "
+                  "wall time around it):", "",
+              "| example | client | handler | lanes' rounds | building updates | rest of the handler | server + HTTP |",
+              "|---|---|---|---|---|---|---|"]
+    for r in results:
+        p = r.get("profile") or {}
+        if "handler_s" in p:
+            lines.append(f"| {r['example']} | {p['client_s']:.2f} | {p['handler_s']:.2f} | {p['decode_s']:.2f} | "
+                         f"{p['views_s']:.2f} | {p['other_s']:.2f} | {p['client_s'] - p['handler_s']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -82,7 +104,6 @@ def run(args) -> int:
     from gradio_client import Client
 
     from ..session import Session
-    from ..views import ui
     from .app_server import AppServer
 
     if not 1 <= args.examples <= len(ui.EXAMPLES):
@@ -93,18 +114,18 @@ def run(args) -> int:
     tree = session.tree_choice().tree  # what the app's sliders start at
     values = {**ui.DEFAULTS, "max_new_tokens": args.max_new_tokens, **vars(tree)}
     gen, tree, vocab = ui.parse_settings(**values)
-    prediction = session.tree_prediction(tree)
+    prediction, costs = session.tree_prediction(tree), app_costs.key(session, LANES[2])
     examples = ui.EXAMPLES[:args.examples]
     results = []
     for label, prompt in examples:  # 1 and 2: the references, before any server exists
         ids = session.encode(prompt)
         session.run("vanilla", ids, gen)  # warm: first-call costs out of the first figure
-        cli = lane_rows({m: session.run(m, ids, gen, tree, vocab).summary for m in DEFAULT_METHODS})
-        for snap in compare_runs(session, ids, gen, tree, vocab):
+        cli = lane_rows({m: session.run(m, ids, gen, tree, vocab).summary for m in LANES})
+        for snap in compare_runs(session, ids, gen, tree, vocab, methods=LANES):
             pass
         outside = lane_rows({t.method: t.summary() for t in snap.traces})
         results.append({"example": label, "cli": cli, "outside": outside,
-                        "forecast": {"plain_ms": prediction.plain_ms, "round_ms": prediction.round_ms}})
+                        "model": {"plain_ms": prediction.plain_ms, "round_ms": prediction.round_ms}})
         print(f"[app-bench] {label}: references done", flush=True)
     machine, dtype = session.runtime.machine, str(session.dtype).removeprefix("torch.")
     del session  # the server loads its own copy
@@ -112,9 +133,12 @@ def run(args) -> int:
     try:
         client = Client(server.wait_ready(), verbose=False)
         for result, (label, prompt) in zip(results, examples):
-            runs = [through_app(client, prompt, values) for _ in range(args.repeats)]
-            result["app"] = {m: max((r[m] for r in runs), key=lambda row: row["tokens_per_s"])
-                             for m in DEFAULT_METHODS}
+            shown = app_costs.corrected(prediction, app_costs.load(costs))  # what the app's status line forecasts
+            result["forecast"] = {"plain_ms": shown.plain_ms, "round_ms": shown.round_ms,
+                                  "correction": shown.correction}
+            runs = [through_app(client, prompt, values, out / "app.log") for _ in range(args.repeats)]
+            best = max(runs, key=lambda r: r["lanes"][LANES[2]]["tokens_per_s"])
+            result["app"], result["profile"] = best["lanes"], {**(best["profile"] or {}), "client_s": best["client_s"]}
             print(f"[app-bench] {label}: app done", flush=True)
     finally:
         server.stop()

@@ -1,5 +1,5 @@
-"""serve-bench: the embedded target served by vLLM without speculation, with vLLM's own EAGLE-3, and with EAGLE-3 +
-NanoSpec (the plugin in vllm_plugin/), at batch 1, 8 or any other.
+"""serve-bench: the embedded target served by vLLM without speculation, with vLLM's own n-gram prompt lookup and
+EAGLE-3, and with EAGLE-3 + NanoSpec (the plugin in vllm_plugin/), at batch 1, 8 or any other.
 
     python -m nanospec_core serve-bench --prompts 16 --max-new-tokens 128 --out bench_out/serve
 
@@ -30,7 +30,7 @@ from pathlib import Path
 from ..errors import NanoSpecError
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = ("plain", "eagle3", "nanospec")
+CONFIGS = ("plain", "ngram", "eagle3", "nanospec")  # ngram: vLLM's prompt lookup, the peer of our copy branches
 
 
 def vllm_python(path: str | None) -> Path:
@@ -122,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     results, started = {}, time.time()
     for config in CONFIGS:  # one engine per configuration, measured at every batch size
-        spec = {"model": model_dir, "draft": str(heads[config]) if config != "plain" else None,
+        spec = {"model": model_dir, "draft": str(heads[config]) if config in heads else None,
+                "method": "ngram" if config == "ngram" else None,
                 "num_speculative_tokens": args.num_speculative_tokens, "dtype": "bfloat16", "max_model_len": 2048,
                 "batches": batches, "batch1_prompts": args.batch1_prompts, "chats": chats,
                 "max_tokens": args.max_new_tokens, "temperature": 0.0,

@@ -9,7 +9,8 @@ forecast shown before the next run scales the model's costs by the median of the
     plain_ms' = plain_ms * f_plain          round_ms' = round_ms * f_round          tok/s' = tau * 1000 / round_ms'
 
 tau stays the model's (it comes from the head's acceptance table, not from this machine). The ratios are cached
-beside the cost curves (cache.py), keyed like them, so a restart keeps them and other hardware starts afresh.
+beside the cost curves (cache.py), keyed like them and by the lane's method, so a restart keeps them and other
+hardware starts afresh.
 """
 from __future__ import annotations
 
@@ -27,6 +28,12 @@ def measured_round_ms(trace) -> float | None:
     """A lane's own time per round, its prefill left out (None before its first round)."""
     cost = lane_cost(trace)
     return cost.round_ms if cost else None
+
+
+def key(session, method: str) -> str:
+    """Ratios are kept per machine, model, dtype (the session's cost key) and per speculative lane method: copy
+    branches change what a round costs."""
+    return f"{session.costs_key()}|{method}"
 
 
 def load(key: str) -> dict[str, list[float]]:
@@ -67,6 +74,6 @@ def corrected(prediction, ratios: dict[str, list[float]]):
                f"the app measured against it in its last {len(ratios['round'])} runs here")
 
 
-def forecast_for(session, tree):
-    """The cost model's prediction for `tree` in this session, corrected by the app's runs on this machine."""
-    return corrected(session.tree_prediction(tree), load(session.costs_key()))
+def forecast_for(session, tree, method: str):
+    """The cost model's prediction for `tree` in this session, corrected by the app's `method` lane's runs here."""
+    return corrected(session.tree_prediction(tree), load(key(session, method)))

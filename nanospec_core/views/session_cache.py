@@ -10,6 +10,7 @@ import threading
 import time
 from collections import OrderedDict
 
+from .. import decode_thread
 from ..cache import CacheState
 from ..errors import NanoSpecError
 from ..machine import on_zero_gpu
@@ -63,18 +64,25 @@ class SessionCache:
             if not self.any_model and model not in self.choices:
                 raise NanoSpecError(f"model '{model}' is not served here: choose {', '.join(self.choices)} "
                                     "(NANOSPEC_ANY_MODEL=1 also allows hub ids and local folders)")
-            print(f"nanospec app: loading model '{model}' ({dtype}) ...", flush=True)
-            started = time.perf_counter()
-            session = Session(model, dtype=dtype, device="auto", head=self.head_for(model))
-            session.head  # load the draft head now: a bad head fails here, not mid-run
-            print(f"nanospec app: {session.runtime.describe()}", flush=True)
-            zero_gpu = on_zero_gpu()  # nothing is probed or measured at start there
-            print(f"nanospec app: {self.cache_state(session, zero_gpu).line()}", flush=True)
-            if not zero_gpu:  # measuring the tree runs kernels: on ZeroGPU only inside @spaces.GPU calls
-                choice = session.tree_choice()
-                print(f"nanospec app: tree {vars(choice.tree)} ({choice.reason})", flush=True)
+            # Loaded on the decode thread, where its runs will be: a load runs kernels (the probe, the tree's costs),
+            # and a second thread that ever ran torch's parallel kernels made the decode thread's forwards ~20%
+            # slower here (Xeon AMX, 2 cores: a plain 64-token run 6.05 s against 5.0 s; docs/results.md).
+            session = decode_thread.call(self.load, model, dtype)
             self.sessions[(model, dtype)] = session
             while len(self.sessions) > self.size:
                 self.sessions.popitem(last=False)
-            print(f"nanospec app: '{model}' ready in {time.perf_counter() - started:.1f} s", flush=True)
             return session
+
+    def load(self, model: str, dtype: str) -> Session:
+        print(f"nanospec app: loading model '{model}' ({dtype}) ...", flush=True)
+        started = time.perf_counter()
+        session = Session(model, dtype=dtype, device="auto", head=self.head_for(model))
+        session.head  # load the draft head now: a bad head fails here, not mid-run
+        print(f"nanospec app: {session.runtime.describe()}", flush=True)
+        zero_gpu = on_zero_gpu()  # nothing is probed or measured at start there
+        print(f"nanospec app: {self.cache_state(session, zero_gpu).line()}", flush=True)
+        if not zero_gpu:  # measuring the tree runs kernels: on ZeroGPU only inside @spaces.GPU calls
+            choice = session.tree_choice()
+            print(f"nanospec app: tree {vars(choice.tree)} ({choice.reason})", flush=True)
+        print(f"nanospec app: '{model}' ready in {time.perf_counter() - started:.1f} s", flush=True)
+        return session

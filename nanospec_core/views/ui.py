@@ -63,6 +63,15 @@ def check_prompt(prompt) -> str:
     return prompt
 
 
+def check_precision(label, fastest: str) -> str:
+    """A PRECISIONS label (or a dtype it names: 'auto', 'float32') -> the dtype to load; 'auto' is `fastest`."""
+    if label in PRECISIONS.values():
+        return label
+    if label not in PRECISIONS:
+        raise NanoSpecError(f"precision must be one of {', '.join(PRECISIONS)}, got {label!r}")
+    return fastest if PRECISIONS[label] == "auto" else PRECISIONS[label]
+
+
 def check_model_name(name) -> str:
     name = name.strip() if isinstance(name, str) else ""
     if not name:
@@ -216,7 +225,8 @@ def summary_frame(traces: list[RunTrace] | tuple[RunTrace, ...]) -> pd.DataFrame
     """One row per lane: tokens/s, speedup vs the first lane (plain decoding) and vs EAGLE, tau, draft/verify ms
     per round and the whole round (the lane's own time, prefill left out), active vocabulary, coverage."""
     tps = {t.method: (t.summary().tokens_per_s if t.wall_s > 0 else None) for t in traces}
-    reference, eagle = tps[traces[0].method], tps.get("eagle")
+    eagle_lane = next((t.method for t in traces if t.method.startswith("eagle")), None)  # with or without copies
+    reference, eagle = tps[traces[0].method], tps.get(eagle_lane)
     rows = []
     for trace in traces:
         s = trace.summary()
@@ -224,7 +234,7 @@ def summary_frame(traces: list[RunTrace] | tuple[RunTrace, ...]) -> pd.DataFrame
             "method": lane_label(trace.method),
             "tokens/s": round(tps[trace.method], 2) if tps[trace.method] else None,
             f"vs {lane_label(traces[0].method).lower()}": _ratio(tps[trace.method], reference),
-            "vs EAGLE": _ratio(tps[trace.method], eagle) if trace.method not in ("eagle", traces[0].method) else None,
+            "vs EAGLE": None if trace.method in (eagle_lane, traces[0].method) else _ratio(tps[trace.method], eagle),
             "tau": round(s.mean_accepted, 3) if s.mean_accepted is not None else None,
             "draft ms/round": round(1e3 * s.draft_s / s.rounds, 2) if s.rounds and s.draft_s else None,
             "verify ms/round": round(1e3 * s.verify_s / s.rounds, 2) if s.rounds else None,
@@ -237,6 +247,7 @@ def summary_frame(traces: list[RunTrace] | tuple[RunTrace, ...]) -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
+COPIES = True  # the app's EAGLE lanes draft copy branches by default (docs/results.md: they pay on Spec-Bench here)
 PRECISIONS = {"fastest measured": "auto", "float32: exact greedy equality": "float32"}  # app label -> dtype
 
 
@@ -298,3 +309,14 @@ def status_line(traces, stopped: bool = False, runtime: str = "", forecast: str 
     state = "stopped" if stopped else ("done" if all(t.finished for t in traces) else "running")
     lanes = ", ".join(f"{lane_label(t.method)} {len(t.token_ids)} tokens in {t.wall_s:.2f} s" for t in traces)
     return f"{state}: {lanes}" + (f" · {forecast}" if forecast else "") + (f" · {runtime}" if runtime else "")
+
+
+def profile_line(traces, views_s: float, handler_s: float) -> str:
+    """One JSON line: the handler's wall time split into the lanes' own rounds (decode), building the updates
+    (views) and the rest (generator hand-offs, the decode thread's queue, waiting for the server to take an update)."""
+    import json
+
+    decode = sum(trace.wall_s for trace in traces)
+    return json.dumps({"handler_s": round(handler_s, 4), "decode_s": round(decode, 4), "views_s": round(views_s, 4),
+                       "other_s": round(handler_s - decode - views_s, 4),
+                       "lanes_s": {trace.method: round(trace.wall_s, 4) for trace in traces}})

@@ -74,7 +74,7 @@ def why_lines(traces: list[RunTrace], choice=None, verify_curve: dict[int, float
         lines.append(f"**{label}**: a round costs {lane.round_ms:.0f} ms (draft {lane.draft_ms:.0f}, verify "
                      f"{lane.verify_ms:.0f}, bookkeeping {lane.other_ms:.0f}) = {even:.2f} plain steps, and commits "
                      f"tau = {lane.tau:.2f} tokens: {verdict}." + copy_clause(by_method[lane.method]))
-    eagle = next((lane for lane in lanes if lane.method == "eagle"), None)
+    eagle = next((lane for lane in lanes if lane.method.startswith("eagle")), None)
     nano = next((lane for lane in lanes if lane.method.startswith("nanospec")), None)
     if eagle is not None and nano is not None and eagle.draft_ms > 0:
         rows = f"{nano.active_vocab:,.0f} rows" if nano.active_vocab else "its active rows"

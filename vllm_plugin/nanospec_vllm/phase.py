@@ -4,7 +4,8 @@
 
 Each phase runs in its own process (the benchmark and the tests start one per configuration), so engines never share
 a process and a crash in one configuration cannot spoil another's figures. spec.json:
-  model, draft (folder or null), num_speculative_tokens, dtype, max_model_len, batches (requests in flight, one
+  model, draft (folder or null), method ('ngram': vLLM's prompt lookup instead of a draft, prompt_lookup_min/_max
+  its match lengths, default 1..4), num_speculative_tokens, dtype, max_model_len, batches (requests in flight, one
   measurement each; 1 decodes the prompts one after another, b > 1 submits them in waves of b), batch1_prompts
   (batch 1 decodes only the first n: the slow, latency-bound case), max_num_seqs (default: the largest batch;
   smaller makes requests join as others finish), prompts (token-id lists) or chats (message lists, templated by vLLM),
@@ -62,7 +63,11 @@ def run(spec: dict) -> dict:
     from vllm.inputs import TokensPrompt
 
     speculative = None
-    if spec.get("draft"):
+    if spec.get("method") == "ngram":  # vLLM's own prompt lookup: no draft model, matches of 1..4 context tokens
+        speculative = {"method": "ngram", "num_speculative_tokens": spec.get("num_speculative_tokens", 3),
+                       "prompt_lookup_min": spec.get("prompt_lookup_min", 1),
+                       "prompt_lookup_max": spec.get("prompt_lookup_max", 4)}
+    elif spec.get("draft"):
         speculative = {"method": "eagle3", "model": spec["draft"],
                        "num_speculative_tokens": spec.get("num_speculative_tokens", 3),
                        "draft_sample_method": spec.get("draft_sample_method", "greedy")}

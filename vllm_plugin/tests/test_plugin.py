@@ -52,6 +52,16 @@ def test_greedy_output_equals_vllm_without_speculation(greedy):
     assert greedy["nanospec"]["spec"]["drafts"] > 0  # the drafts were really made and verified
 
 
+def test_vllms_ngram_peer_runs_here_and_keeps_greedy_output(tiny, greedy):
+    """serve-bench's `ngram` configuration (vLLM's prompt lookup, the peer of our copy branches) on this build: prompts
+    that repeat themselves give it matches to draft from, and its output is vLLM's without speculation."""
+    looped = [(p[:8] * 3)[:24] for p in tiny["prompts"]]
+    ngram, plain = run(tiny, "ngram", None, method="ngram", prompts=looped), run(tiny, "plain-looped", None,
+                                                                                 prompts=looped)
+    assert ngram["outputs"] == plain["outputs"]
+    assert ngram["spec"]["drafts"] > 0 and "nanospec" not in ngram
+
+
 def test_every_draft_step_went_through_the_restriction(greedy):
     stats = greedy["nanospec"]["nanospec"][0]
     assert stats["runner"] == "v1" and stats["restricted_every_step"]
