@@ -7,7 +7,7 @@ Per example (the app's own, views/ui.EXAMPLES), in this order, nothing else runn
   1. `cli`: each lane alone, as `generate --method ...` runs it (Session.run);
   2. `outside`: the three lanes alternated round by round by compare_runs, as the app does, in this process;
   3. `app`: `python app.py` in a subprocess, driven over HTTP by gradio_client (no browser), its final summary read
-     back. The server is started once, after the references, so the two never share the cores.
+     back. The server is started once, before everything, and idles while 1 and 2 run.
 `app / cli` is the issue's figure; `app / outside` isolates what the app adds around the same rounds. Ratios are
 within one run on one machine: compare them, not tokens/s across machines.
 """
@@ -116,30 +116,30 @@ def run(args) -> int:
     gen, tree, vocab = ui.parse_settings(**values)
     prediction, costs = session.tree_prediction(tree), app_costs.key(session, LANES[2])
     examples = ui.EXAMPLES[:args.examples]
-    results = []
-    for label, prompt in examples:  # 1 and 2: the references, before any server exists
-        ids = session.encode(prompt)
-        session.run("vanilla", ids, gen)  # warm: first-call costs out of the first figure
-        cli = lane_rows({m: session.run(m, ids, gen, tree, vocab).summary for m in LANES})
-        for snap in compare_runs(session, ids, gen, tree, vocab, methods=LANES):
-            pass
-        outside = lane_rows({t.method: t.summary() for t in snap.traces})
-        results.append({"example": label, "cli": cli, "outside": outside,
-                        "model": {"plain_ms": prediction.plain_ms, "round_ms": prediction.round_ms}})
-        print(f"[app-bench] {label}: references done", flush=True)
     machine, dtype = session.runtime.machine, str(session.dtype).removeprefix("torch.")
-    del session  # the server loads its own copy
+    results = []
+    # The server starts first and idles while the references run (an idle Gradio server takes no CPU): per example
+    # the three measurements follow each other, so a machine whose speed drifts over minutes (a shared host) biases
+    # none of the ratios.
     server = AppServer(args.model, out / "app.log", dtype=dtype, head=args.head, threads=None)
     try:
         client = Client(server.wait_ready(), verbose=False)
-        for result, (label, prompt) in zip(results, examples):
+        for label, prompt in examples:
+            ids = session.encode(prompt)
+            session.run("vanilla", ids, gen)  # warm: first-call costs out of the first figure
+            cli = lane_rows({m: session.run(m, ids, gen, tree, vocab).summary for m in LANES})
+            for snap in compare_runs(session, ids, gen, tree, vocab, methods=LANES):
+                pass
+            outside = lane_rows({t.method: t.summary() for t in snap.traces})
             shown = app_costs.corrected(prediction, app_costs.load(costs))  # what the app's status line forecasts
-            result["forecast"] = {"plain_ms": shown.plain_ms, "round_ms": shown.round_ms,
-                                  "correction": shown.correction}
             runs = [through_app(client, prompt, values, out / "app.log") for _ in range(args.repeats)]
             best = max(runs, key=lambda r: r["lanes"][LANES[2]]["tokens_per_s"])
-            result["app"], result["profile"] = best["lanes"], {**(best["profile"] or {}), "client_s": best["client_s"]}
-            print(f"[app-bench] {label}: app done", flush=True)
+            results.append({"example": label, "cli": cli, "outside": outside, "app": best["lanes"],
+                            "profile": {**(best["profile"] or {}), "client_s": best["client_s"]},
+                            "model": {"plain_ms": prediction.plain_ms, "round_ms": prediction.round_ms},
+                            "forecast": {"plain_ms": shown.plain_ms, "round_ms": shown.round_ms,
+                                         "correction": shown.correction}})
+            print(f"[app-bench] {label}: done", flush=True)
     finally:
         server.stop()
     table = markdown(results, machine)
