@@ -231,3 +231,16 @@ def test_where_the_head_drafted_other_tokens_a_copy_is_judged_by_its_own_lower_r
     n = branch.match
     assert cheap.acceptance.diverged[n] == [1, 0]  # counted as a divergence, not as a_2
     assert cheap.acceptance.tried[n][:2] == [1, 0] and cheap.acceptance.accepted[n][:2] == [1, 0]
+
+
+def test_a_round_without_copy_branches_never_reads_the_head_tree():
+    class Unread:  # a device tree whose read would fail: only a walk may read it
+        host = None
+
+        @property
+        def tokens(self):
+            raise AssertionError("the tree was read")
+
+    walk = held_prefix(Unread())  # what the engine builds every round, for NoCopy too
+    with pytest.raises(AssertionError, match="the tree was read"):
+        walk([1])

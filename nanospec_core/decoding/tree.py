@@ -243,13 +243,15 @@ def held_prefix(tree: DraftTree) -> Callable[[list[int]], tuple[int, bool]]:
     Tree tokens [a, b, c], parents [-1, -1, 0]: [a, d] -> (1, True) (a's child is c, not d); [b, d] -> (1, False)
     (b is a leaf); [d] -> (0, True) (the root's children are a and b); [a, c, e] -> (2, False) (c is a leaf).
     """
-    tokens, parents = tree.host if tree.host is not None else read(tree.tokens, tree.parents)
     child: dict[tuple[int, int], int] = {}
-    for node, (token, parent) in enumerate(zip(tokens, parents)):
-        child.setdefault((parent, token), node)
-    inner = set(parents)  # nodes with children (-1: the root, when anything was drafted)
+    inner: set[int] = set()  # nodes with children (-1: the root, when anything was drafted)
 
     def walk(chain: list[int]) -> tuple[int, bool]:
+        if not inner:  # built on the first walk: a round without copy branches never reads the tree
+            tokens, parents = tree.host if tree.host is not None else read(tree.tokens, tree.parents)
+            for node, (token, parent) in enumerate(zip(tokens, parents)):
+                child.setdefault((parent, token), node)
+            inner.update(parents, [None])  # None: built, even for an empty tree
         node = -1
         for held, token in enumerate(chain):
             found = child.get((node, token))
