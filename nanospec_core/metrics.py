@@ -99,6 +99,11 @@ class RunSummary:
     copy_tokens: int = 0  # committed tokens from copy-added nodes
 
     @property
+    def round_ms(self) -> float | None:
+        """A round's whole wall time (draft, verify and bookkeeping; the prefill left out), None without rounds."""
+        return 1e3 * (self.wall_s - self.prefill_s) / self.rounds if self.rounds else None
+
+    @property
     def copy_share(self) -> float:
         """Share of the new tokens that came from copy branches (not the head, not a bonus)."""
         return self.copy_tokens / self.new_tokens if self.new_tokens else 0.0

@@ -34,7 +34,7 @@ def add_arguments(parser) -> None:
 def lane_rows(summaries: dict) -> dict[str, dict]:
     """method -> tokens/s and ms per round (prefill left out) from RunSummary objects."""
     return {method: {"tokens_per_s": s.tokens_per_s, "rounds": s.rounds, "new_tokens": s.new_tokens,
-                     "ms_per_round": 1e3 * (s.wall_s - s.prefill_s) / s.rounds if s.rounds else None}
+                     "ms_per_round": s.round_ms}
             for method, s in summaries.items()}
 
 

@@ -235,6 +235,16 @@ def _rerank(cands: _Candidates, total_tokens: int) -> DraftTree:
                      host=(host_tokens[:count], host_parents[:count]))
 
 
+def _children(tree: DraftTree) -> tuple[list[int], list[int], dict[tuple[int, int], int]]:
+    """The tree's tokens and parents on the host, and (parent, token) -> node: the first of duplicate siblings,
+    the one a root-down walk follows."""
+    tokens, parents = tree.host if tree.host is not None else read(tree.tokens, tree.parents)
+    child: dict[tuple[int, int], int] = {}
+    for node, (token, parent) in enumerate(zip(tokens, parents)):
+        child.setdefault((parent, token), node)
+    return tokens, parents, child
+
+
 def held_prefix(tree: DraftTree) -> Callable[[list[int]], tuple[int, bool]]:
     """For a root-down chain of tokens: how many of its leading tokens the tree already holds, and whether the tree
     drafted other tokens at the next place (the node reached has children, none of them the chain's next token) or
@@ -248,9 +258,8 @@ def held_prefix(tree: DraftTree) -> Callable[[list[int]], tuple[int, bool]]:
 
     def walk(chain: list[int]) -> tuple[int, bool]:
         if not inner:  # built on the first walk: a round without copy branches never reads the tree
-            tokens, parents = tree.host if tree.host is not None else read(tree.tokens, tree.parents)
-            for node, (token, parent) in enumerate(zip(tokens, parents)):
-                child.setdefault((parent, token), node)
+            _, parents, found = _children(tree)
+            child.update(found)
             inner.update(parents, [None])  # None: built, even for an empty tree
         node = -1
         for held, token in enumerate(chain):
@@ -276,10 +285,7 @@ def add_branches(tree: DraftTree, branches: list[tuple[list[int], list[float]]],
     Worked example: tree tokens [a, b, c], parents [-1, -1, 0]; chain [a, c, d] walks a (node 0), c (node 2),
     then adds d as node 3 under node 2: chain nodes [0, 2, 3], new parents [2], depths [3].
     """
-    tokens, parents = tree.host if tree.host is not None else read(tree.tokens, tree.parents)
-    child: dict[tuple[int, int], int] = {}
-    for node, (token, parent) in enumerate(zip(tokens, parents)):
-        child.setdefault((parent, token), node)  # the first of duplicate siblings is the one a walk follows
+    tokens, parents, child = _children(tree)
     added: dict[str, list] = {"tokens": [], "parents": [], "depths": [], "scores": []}
     chains = []
     for chain_tokens, chain_scores in branches:

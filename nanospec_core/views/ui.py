@@ -238,7 +238,7 @@ def summary_frame(traces: list[RunTrace] | tuple[RunTrace, ...]) -> pd.DataFrame
             "tau": round(s.mean_accepted, 3) if s.mean_accepted is not None else None,
             "draft ms/round": round(1e3 * s.draft_s / s.rounds, 2) if s.rounds and s.draft_s else None,
             "verify ms/round": round(1e3 * s.verify_s / s.rounds, 2) if s.rounds else None,
-            "ms/round": round(1e3 * (s.wall_s - s.prefill_s) / s.rounds, 2) if s.rounds else None,  # all of it
+            "ms/round": round(s.round_ms, 2) if s.rounds else None,  # all of it
             "avg active vocab": round(s.avg_active_vocab) if s.avg_active_vocab is not None else None,
             "coverage": round(s.coverage, 4) if s.coverage is not None else None,
             "new tokens": s.new_tokens,
