@@ -133,7 +133,9 @@ class CopyConfig:
     max_ngram: int = 4  # longest suffix matched first: a 4-token match predicts its continuation better than 1
     min_ngram: int = 1  # shortest suffix tried when no longer one recurs (transformers' prompt lookup goes to 1)
     branches: int = 2  # candidate continuations per round (most recent occurrence of the longest match first)
-    length: int = 8  # tokens per candidate: bounds the copied tokens one round can commit at length + 1
+    length: int = 16  # tokens per candidate: bounds the copied tokens one round can commit at length + 1; 16, not
+    # 8: a summary copies whole clauses (8 held summarization under prompt lookup's 10), and min_accept cuts a chain
+    # where its acceptance falls, so a short or unreliable match drafts short
     max_nodes: int = 16  # copy nodes a round may add to the tree (nodes merged with the head's tree are free)
     min_accept: float = 0.0  # a copy node is drafted only if its estimated acceptance probability reaches this:
     # the break-even of one more verify node (choose_copy); 0 = every candidate token within max_nodes
@@ -146,6 +148,14 @@ class CopyConfig:
     diverge_prior: float = 0.2  # P(a copied token right where the head drafted other tokens at its place): the
     # head was wrong there more often than usual, so the copy is right less often than prior[0] (a guess; each
     # request's own counts replace it)
+    # Head-free rounds (CopyDrafter.head_free): a round drafts no head tree when the copies alone are expected to
+    # commit more tokens per ms than the head's tree with them. choose_copy sets these from the measured costs;
+    # head_held () = never (no costs measured, or no head).
+    head_held: tuple = ()  # P(the head's tree holds the target's token at depth d), d = 1.. (its acceptance table)
+    head_round_ms: float = 0.0  # a round with the head's tree: draft + verify + bookkeeping
+    node_ms: float = 0.0  # one more verify node beside the head's tree
+    free_round_ms: float = 0.0  # a round without it: verify of the root alone + bookkeeping
+    free_node_ms: float = 0.0  # one more verify node beside the root alone
 
     def __post_init__(self):
         if not 1 <= self.min_ngram <= self.max_ngram <= 16:

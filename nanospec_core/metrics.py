@@ -59,6 +59,7 @@ class StepStats:
     copy_nodes: int = 0  # tree nodes copy branches added this round (beyond the head's): their extra verify cost
     copy_accepted: int = 0  # committed tokens those nodes held: what the copies gained beyond the head
     copied: list[bool] | None = None  # per committed token: held by a copy-added node (the bonus never is)
+    head_free: bool = False  # the round drafted no head tree: the copies alone were expected faster
 
     @property
     def hit(self) -> float | None:
@@ -71,7 +72,7 @@ class StepStats:
         row.update(round=self.round, tree_size=self.tree_size, backbone_ms=round(self.backbone_ms, 3),
                    lm_head_ms=round(self.lm_head_ms, 3), gather_ms=round(self.gather_ms, 3),
                    tree_ms=round(self.tree_ms, 3), fallback=self.fallback, copy_nodes=self.copy_nodes,
-                   copy_accepted=self.copy_accepted)
+                   copy_accepted=self.copy_accepted, head_free=self.head_free)
         if self.tree is not None:
             row["tree"] = self.tree.to_json()
         return row
@@ -97,6 +98,7 @@ class RunSummary:
     fallback_rounds: int = 0
     copy_nodes: int = 0  # tree nodes copy branches added, over all rounds
     copy_tokens: int = 0  # committed tokens from copy-added nodes
+    head_free_rounds: int = 0  # rounds that drafted copies alone (no head tree)
 
     @property
     def round_ms(self) -> float | None:
@@ -139,4 +141,5 @@ def summarize(steps: list[StepStats], wall_s: float) -> RunSummary:
         fallback_rounds=sum(s.fallback for s in rounds),
         copy_nodes=sum(s.copy_nodes for s in rounds),
         copy_tokens=sum(s.copy_accepted for s in rounds),
+        head_free_rounds=sum(s.head_free for s in rounds),
     )

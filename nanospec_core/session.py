@@ -163,7 +163,8 @@ class Session:
             return choose_copy(verify, verify(1) + choice.overhead_ms, 0, [])
         ranks, tree = load_acceptance(self._head_dir), choice.tree
         widths = best_widths(ranks, min(tree.depth, ranks.shape[1]), tree.top_k, tree.total_tokens)[-1][0]
-        return choose_copy(verify, choice.round_ms, tree.total_tokens, held_depths(ranks, widths))
+        return choose_copy(verify, choice.round_ms, tree.total_tokens, held_depths(ranks, widths),
+                           free_round_ms=verify(1) + choice.overhead_ms)
 
     def tree_prediction(self, tree: TreeConfig) -> TreeChoice | None:
         """The cost model's figures (tau, draft / verify / round ms, break-even tau) for `tree`: the chooser's own

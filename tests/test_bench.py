@@ -216,7 +216,7 @@ def test_bench_cli_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     for name in ("per_prompt.jsonl", "per_prompt.csv", "summary.md", "speedup.html", "draft_split.html"):
         assert (out / name).is_file(), name
     header = ("| method | prompts | tokens/s | speedup | tau | draft share | avg active vocab | coverage | copy share | "
-              "equal rate |")
+              "head-free rounds | equal rate |")
     assert header in stdout and "## Per category" in stdout and "## Draft time per round" in stdout
 
     rows = [json.loads(line) for line in (out / "per_prompt.jsonl").read_text().splitlines()]

@@ -244,3 +244,42 @@ def test_a_round_without_copy_branches_never_reads_the_head_tree():
     walk = held_prefix(Unread())  # what the engine builds every round, for NoCopy too
     with pytest.raises(AssertionError, match="the tree was read"):
         walk([1])
+
+
+# ---------------------------------------------------------------- head-free rounds
+
+
+def test_a_round_drafts_copies_alone_only_where_they_are_expected_to_commit_faster():
+    """A strong match (4 tokens, the prior's 0.89-0.95 rates) skips the head where its round costs much more than a
+    copy round; a 1-token match (right a quarter of the time) keeps it; so do equal round costs (the head only
+    adds), and a budget without the head's figures (lookup, or no costs measured)."""
+    costs = dict(head_held=(0.6, 0.35, 0.2), head_round_ms=120.0, node_ms=1.0, free_round_ms=80.0, free_node_ms=0.3,
+                 min_accept=0.1)
+    phrase = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
+    strong, weak = phrase + [1] + phrase[:4], phrase + [2, 3, 11]  # suffix [11..14] recurs; only [11] does
+    for context, free in ((strong, True), (weak, False)):
+        drafter = CopyDrafter(CopyConfig(**costs))
+        drafter.begin(context)
+        assert drafter.head_free() is free
+    for cfg in (CopyConfig(**{**costs, "free_round_ms": 120.0, "free_node_ms": 1.0}), CopyConfig()):
+        drafter = CopyDrafter(cfg)
+        drafter.begin(strong)
+        assert not drafter.head_free()
+    drafter = CopyDrafter(CopyConfig(**costs))
+    drafter.begin(strong)
+    assert drafter.head_free()
+    drafter.extend([99])  # a token that never occurred: no candidate, so nothing to draft without the head
+    assert not drafter.round_candidates() and not drafter.head_free()
+
+
+def test_choose_copy_gives_head_free_rounds_the_measured_costs_beside_a_head_only():
+    verify = interpolate({1: 78.0, 8: 80.0, 24: 88.0, 48: 114.0})
+    held = [0.6, 0.35, 0.2]
+    chosen = choose_copy(verify, round_ms=120.0, nodes=24, held=held, free_round_ms=verify(1) + 5.0)
+    assert chosen.head_held == tuple(held) and chosen.head_round_ms == 120.0 and chosen.free_round_ms == 83.0
+    span = chosen.max_nodes
+    assert chosen.node_ms == pytest.approx((verify(25 + span) - verify(25)) / span)
+    assert chosen.free_node_ms == pytest.approx((verify(1 + span) - verify(1)) / span)
+    assert "copies alone" in describe_copy(chosen)
+    assert choose_copy(verify, round_ms=120.0, nodes=24, held=held).head_held == ()  # no free-round cost given
+    assert choose_copy(verify, 80.0, 0, [], free_round_ms=83.0).head_held == ()  # lookup: no head to skip

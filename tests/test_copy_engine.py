@@ -177,3 +177,42 @@ def test_sampling_with_copy_branches_keeps_the_target_distribution():
     assert copied > 300  # copies were accepted in many runs: the sampled path really went through them
     statistic, critical = chi_square(counts, exact_first_three(model, prompt, temperature))
     assert statistic < critical, f"chi2 {statistic:.1f} >= {critical:.1f}"
+
+
+
+FREE = CopyConfig(head_held=(0.5, 0.25), head_round_ms=100.0, node_ms=0.0, free_round_ms=1.0, free_node_ms=0.0)
+
+
+class AbsorbSpy(TargetAsHead):
+    """The target as its own head, recording the token of every pair it absorbs (the calls without positions)."""
+
+    def __init__(self, target):
+        super().__init__(target)
+        self.absorbed: list[int] = []
+
+    def forward(self, ids, features, cache, positions=None, tree_mask=None):
+        if positions is None:
+            self.absorbed += ids.tolist()
+        return super().forward(ids, features, cache, positions, tree_mask)
+
+
+@pytest.mark.parametrize("policy_name", ["full", "nanospec"])
+def test_head_free_rounds_stay_lossless_and_the_head_absorbs_the_pairs_they_committed(target, policy_name):
+    """Costs that make every round with a copy candidate head-free: greedy output is still plain decoding's, and
+    the head's next draft absorbs every pair the head-free rounds committed, in order (its context has no hole)."""
+    prompt = repetitive_prompt(5)
+    expected = plain(target, prompt)
+    assert tokens_of(decode(target, prompt, random_head(target, "eagle2", seed=3), policy_name, copy=FREE)) == expected
+    spy = AbsorbSpy(target)
+    steps = decode(target, prompt, spy, policy_name, copy=FREE)
+    assert tokens_of(steps) == expected
+    rounds = steps[1:]
+    free = [n for n, s in enumerate(rounds) if s.head_free]
+    last_head = max(n for n, s in enumerate(rounds) if not s.head_free)
+    assert free and any(n < last_head for n in free)  # head-free rounds ran, and a head round after one
+    for s in rounds:
+        assert s.head_free == (s.copy_nodes == s.tree_size)  # a head-free round's nodes are all copies
+    # pair t couples f_t with x_{t+1}: the absorbed tokens are the context from its second token on, without a gap
+    context = prompt.tolist() + tokens_of(steps)
+    assert spy.absorbed == context[1:1 + len(spy.absorbed)]
+    assert len(spy.absorbed) == len(prompt) - 1 + len(tokens_of(steps[:1 + last_head]))  # up to that round's root

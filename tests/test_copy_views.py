@@ -1,12 +1,14 @@
 """Copies seen in the app's views: their own colour in the output, a share in the locality table, diamonds with their
 source span in the round view's tree, and their cost and gain in 'why this speed'."""
+from dataclasses import replace
+
 import pytest
 
 from nanospec_core.compare import RunTrace
 from nanospec_core.models.eagle import random_head
 from nanospec_core.models.target import TargetModel
 from nanospec_core.views import locality_view
-from nanospec_core.views.round_view import round_view
+from nanospec_core.views.round_view import copy_line, round_view
 from nanospec_core.views.tree_plot import tree_figure
 from nanospec_core.views.why import why_lines
 from tests.conftest import tiny_hf_model
@@ -50,6 +52,8 @@ def test_the_round_view_draws_copy_nodes_with_their_source_span(traces):
     view = round_view(trace, None, step.round, lambda ids: " ".join(map(str, ids)))
     assert f"Copy branches added {step.copy_nodes} nodes" in view.details
     assert f"{step.copy_accepted} of the committed tokens came from them" in view.details
+    assert "drafted nothing" not in view.details  # a round with the head's tree ...
+    assert "The head drafted nothing this round" in copy_line(replace(step, head_free=True))  # ... and one without
 
 
 def test_why_this_speed_counts_the_copy_branches(traces):

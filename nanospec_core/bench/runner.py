@@ -98,7 +98,8 @@ def record(question: Question, result, reference, prompt_ids, target, greedy: bo
            "accept_lengths": [step.accepted for step in result.steps if step.round > 0], "tau": s.mean_accepted,
            "draft_s": s.draft_s, "verify_s": s.verify_s, **{f"{p}_s": getattr(s, f"{p}_s") for p in SPLIT_PARTS},
            "avg_active_vocab": s.avg_active_vocab, "coverage": s.coverage, "fallback_rounds": s.fallback_rounds,
-           "copy_nodes": s.copy_nodes, "copy_tokens": s.copy_tokens, "copy_share": s.copy_share}
+           "copy_nodes": s.copy_nodes, "copy_tokens": s.copy_tokens, "copy_share": s.copy_share,
+           "head_free_rounds": s.head_free_rounds}
     ref_ids = result.token_ids if reference is None else reference.token_ids
     position = first_difference(ref_ids, result.token_ids)
     row.update(equal=position is None, first_diff=position, diff_margin=None, ref_token=None, token=None)
@@ -142,7 +143,9 @@ class BenchResult:
                              "avg active vocab": m.avg_active_vocab.dropna().mean(),
                              "coverage": m.coverage.dropna().mean(), "equal rate": m.equal.mean(),
                              "copy share": m.copy_tokens.sum() / m.new_tokens.sum()
-                             if "copy_tokens" in m and m.new_tokens.sum() else None})
+                             if "copy_tokens" in m and m.new_tokens.sum() else None,
+                             "head-free rounds": m.head_free_rounds.sum() / rounds
+                             if "head_free_rounds" in m and rounds else None})
         return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
     def draft_table(self) -> pd.DataFrame:
@@ -211,7 +214,8 @@ class BenchResult:
 
 
 SUMMARY_COLUMNS = ["category", "method", "prompts", "tokens/s", "speedup", "tau", "draft share", "avg active vocab",
-                   "coverage", "copy share", "equal rate"]  # copy share: new tokens from copy branches
+                   "coverage", "copy share", "head-free rounds", "equal rate"]  # copy share: new tokens from copy
+# branches; head-free rounds: the share of rounds that drafted copies alone (no head tree)
 
 
 def check_methods(methods) -> list[str]:

@@ -26,6 +26,13 @@ wrong there more often than usual): it is judged by its own rate, counted apart,
     e(n) = (accepted_diverged(n) + w * diverge_prior) / (tried_diverged(n) + w)
 so a request where copies only ever repeat what the head drafted anyway soon stops paying for nodes the head
 rejected.
+
+Head-free rounds: where a long match makes the copies alone likely to commit several tokens, the head's tree adds
+little (it helps only at depths the copy gets wrong) and costs its draft and its verify nodes. With c_d the best
+candidate's P(tokens 1..d right), L the copy nodes drafted and h_d the head tree's P(holds depth d) (CopyConfig):
+    free round:  (1 + sum_d c_d) / (free_round_ms + free_node_ms * L)
+    head round:  (1 + sum_d [1 - (1 - h_d)(1 - c_d)]) / (head_round_ms + node_ms * L)
+and the round drafts no head tree when the first is higher (the head's pairs wait for the next round it drafts).
 """
 from __future__ import annotations
 
@@ -108,6 +115,7 @@ class CopyDrafter:
         self.context: list[int] = []
         self.ends: dict[tuple[int, ...], list[int]] = {}
         self.acceptance = CopyAcceptance(cfg)
+        self._round: list[CopyCandidate] | None = None  # this round's candidates (head_free, then branches)
 
     def begin(self, context: list[int]) -> None:
         self.context, self.ends, self.acceptance = [], {}, CopyAcceptance(self.cfg)
@@ -115,6 +123,7 @@ class CopyDrafter:
 
     def extend(self, tokens: list[int]) -> None:
         """Append committed tokens; index the n-grams that end at each of them."""
+        self._round = None
         for token in tokens:
             self.context.append(int(token))
             end = len(self.context) - 1
@@ -138,13 +147,43 @@ class CopyDrafter:
                     return found
         return found
 
+    def round_candidates(self) -> list[CopyCandidate]:
+        """candidates(), computed once per round (the context changes only when tokens commit)."""
+        if self._round is None:
+            self._round = self.candidates()
+        return self._round
+
+    def head_free(self) -> bool:
+        """Whether this round should draft no head tree (module docstring: the free round's expected tokens per
+        ms against the head round's); never without the head's measured figures (CopyConfig.head_held)."""
+        cfg = self.cfg
+        if not cfg.head_held:
+            return False
+        chains = [[math.exp(s) for s in self._cut(c.tokens, self.acceptance.chain_logp(len(c.tokens), c.match))]
+                  for c in self.round_candidates()]
+        best = max(chains, key=sum, default=[])
+        if not best:
+            return False
+        nodes = min(cfg.max_nodes, sum(map(len, chains)))
+        span = max(len(best), len(cfg.head_held))
+        c, h = best + [0.0] * (span - len(best)), list(cfg.head_held) + [0.0] * (span - len(cfg.head_held))
+        free = (1.0 + sum(c)) / (cfg.free_round_ms + cfg.free_node_ms * nodes)
+        head = (1.0 + sum(1.0 - (1.0 - hd) * (1.0 - cd) for hd, cd in zip(h, c))) / \
+            (cfg.head_round_ms + cfg.node_ms * nodes)
+        return free > head
+
+    def _cut(self, tokens: list[int], scores: list[float]) -> list[float]:
+        """The scores of the chain's leading tokens whose P(tokens 1..d right) reaches min_accept (scores fall with
+        depth: the kept ones are a prefix)."""
+        floor = math.log(self.cfg.min_accept) if self.cfg.min_accept > 0 else -math.inf
+        return scores[:sum(1 for s in scores if s >= floor)]
+
     def branches(self, held=None) -> list[CopyBranch]:
         """The candidates cut where P(tokens 1..d right) falls under min_accept, with their node scores. held: the
         head tree's walk (tree.held_prefix; None without a head): where a chain leaves the head's tree at a place
         the head drafted others, that token's rate is e(n) instead of a_j (and so are the scores below it)."""
-        floor = math.log(self.cfg.min_accept) if self.cfg.min_accept > 0 else -math.inf
         out = []
-        for candidate in self.candidates():
+        for candidate in self.round_candidates():
             n, tokens = candidate.match, candidate.tokens
             scores = self.acceptance.chain_logp(len(tokens), n)
             prefix, diverged = held(tokens) if held is not None else (0, False)
@@ -152,7 +191,7 @@ class CopyDrafter:
             if diverged:  # log a_{prefix+1} -> log e(n) from that token down
                 shift = math.log(self.acceptance.diverge_rate(n)) - math.log(self.acceptance.conditional(prefix + 1, n))
                 scores = scores[:prefix] + [s + shift for s in scores[prefix:]]
-            keep = sum(1 for s in scores if s >= floor)  # scores fall with depth: the kept ones are a prefix
+            keep = len(self._cut(tokens, scores))
             if keep:
                 out.append(CopyBranch(tokens[:keep], candidate.start, n, scores[:keep], min(prefix, keep),
                                       diverged and keep > prefix))
@@ -180,6 +219,9 @@ class NoCopy:
 
     def extend(self, tokens: list[int]) -> None:
         pass
+
+    def head_free(self) -> bool:
+        return False
 
     def branches(self, held=None) -> list[CopyBranch]:
         return []

@@ -70,7 +70,8 @@ def speculative_decode(target: TargetModel, head: DraftHead | None, policy: Voca
 
         # --- draft: the head's tree, then the copy branches merged into it -----------------------------
         t_draft = spans.mark()
-        head_tree = drafter.draft()
+        free = copier.head_free()  # the copies alone expected faster this round: no head tree (copy_draft.py)
+        head_tree = drafter.skip() if free else drafter.draft()
         branches = copier.branches(held_prefix(head_tree))  # the head's nodes a copy repeats cost nothing
         tree, chains = add_branches(head_tree, [(b.tokens, b.scores) for b in branches], copier.max_nodes)
         spans.add("draft", t_draft)
@@ -93,7 +94,7 @@ def speculative_decode(target: TargetModel, head: DraftHead | None, policy: Voca
 
         stats.tokens, stats.accepted, stats.tree_size, stats.finished = committed, len(committed), len(tree), done
         stats.tree = tree_view(acceptance, len(head_tree), branches, chains)
-        stats.copy_nodes = len(tree) - len(head_tree)
+        stats.copy_nodes, stats.head_free = len(tree) - len(head_tree), free
         # per committed token: did a node a copy branch added hold it (verify index v is node v - 1)? bonus: no
         stats.copied = ([v - 1 >= len(head_tree) for v in acceptance.path[1:]] + [False])[:len(committed)]
         stats.copy_accepted = sum(stats.copied)

@@ -2,7 +2,8 @@
 
 Token bookkeeping: the head's pair at position t couples the target feature f_t with token x_{t+1}: after a round
 that accepted path [root, a, b] with bonus c, the new pairs are (f_root, a), (f_a, b), (f_b, c). The head's draft
-levels are never committed: each round re-absorbs the verified pairs.
+levels are never committed: each round re-absorbs the verified pairs. A round that drafts no head tree (skip: the
+copies alone were expected faster, copy_draft.head_free) absorbs nothing: its pairs wait, appended, for the next draft.
 `NoHead` drafts nothing (the lookup method: copy branches alone).
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ class HeadDrafter:
         self.policy.begin(prompt, seed_topk, specials)
         self.pair_ids = torch.cat([prompt[1:], to_device([root], prompt.device)])  # tokens x_{t+1} of the pairs
         self.pair_features = self.head.target_features(out)  # f_t, [P, F]
+        self.absorbed = False  # whether the pending pairs went into the head's cache (draft) since they were queued
 
     def _timed(self, name, fn):
         def wrapper(*args):
@@ -48,12 +50,17 @@ class HeadDrafter:
         absorb = self._timed("backbone", lambda ids, feats: head.forward(ids, feats, cache))
         hidden = absorb(self.pair_ids, self.pair_features)  # [pairs, H]
         cache.commit()
+        self.absorbed = True
         step = self._timed("backbone", lambda ids, feats, pos, mask: head.forward(ids, feats, cache, pos, mask))
         topk = self._timed("lm_head", lambda h, k: policy.topk(head.lm_input(h), k))
         root_logp, root_ids = topk(hidden[-1:], cfg.top_k)
         tree = build_tree(root_logp[0], root_ids[0], hidden[-1], step, topk, cfg, base_position=cache.length)
         cache.discard()  # draft levels are never committed: next round re-absorbs the verified pairs
         return tree
+
+    def skip(self) -> DraftTree:
+        """A round without the head's tree: nothing drafted, nothing absorbed (the pairs keep waiting)."""
+        return DraftTree.empty(self.pair_ids.device)
 
     def observe(self, tree: DraftTree, out, logits: torch.Tensor, acceptance: Acceptance,
                 committed_ids: torch.Tensor, stats: StepStats) -> None:
@@ -64,8 +71,10 @@ class HeadDrafter:
         node_topk = logits.topk(policy.node_topk, dim=-1).indices if policy.node_topk else None
         policy.observe(tree.tokens.to(device), node_topk, committed_ids, hits)
         path = to_device(acceptance.path, device)
-        self.pair_ids = to_device(acceptance.tokens, device)
-        self.pair_features = self.head.target_features(out)[path]
+        ids, features = to_device(acceptance.tokens, device), self.head.target_features(out)[path]
+        if not self.absorbed:  # a head-free round: these pairs follow the ones still waiting
+            ids, features = torch.cat([self.pair_ids, ids]), torch.cat([self.pair_features, features])
+        self.pair_ids, self.pair_features, self.absorbed = ids, features, False
         stats.active_vocab = policy.size
         tags = policy.origin_tags(committed_ids)  # the round's statistics in one read
         stats.hits, *host_tags = read(hits, *([tags] if tags is not None else []))
@@ -87,6 +96,8 @@ class NoHead:
 
     def draft(self) -> DraftTree:
         return DraftTree.empty(self.device)
+
+    skip = draft
 
     def observe(self, *args) -> None:
         pass

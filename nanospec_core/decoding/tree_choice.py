@@ -214,7 +214,7 @@ def interpolate(points: dict[int, float]) -> Callable[[int], float]:
 
 
 def choose_copy(verify_ms: Callable[[int], float], round_ms: float, nodes: int, held: list[float],
-                base: CopyConfig | None = None) -> CopyConfig:
+                base: CopyConfig | None = None, free_round_ms: float | None = None) -> CopyConfig:
     """The copy branches' budget on this machine, beside a head tree of `nodes` nodes whose round costs round_ms
     and holds the target's tokens at depths 1..d with probability held[d-1] ([] and the plain step without a head).
 
@@ -227,6 +227,9 @@ def choose_copy(verify_ms: Callable[[int], float], round_ms: float, nodes: int, 
         E[committed](L) = 1 + sum_d [1 - (1 - h_d)(1 - c_d)],  cost(L) = round_ms + verify_ms(nodes + 1 + L)
                           - verify_ms(nodes + 1);   max_nodes = L* (0: copies cannot pay here), shared by the
                           branches in their order (a later one gets the nodes an earlier, shorter one left)
+    Head-free rounds (copy_draft.head_free), where free_round_ms (a round of the root alone: verify_ms(1) plus the
+    bookkeeping) is given and there is a head tree: its held depths, its round, and the per-node verify costs beside
+    it and beside the root alone, as straight lines over the copy length.
     """
     base = base or CopyConfig()
 
@@ -244,13 +247,22 @@ def choose_copy(verify_ms: Callable[[int], float], round_ms: float, nodes: int, 
     best = max(range(base.length + 1), key=lambda length: (round(speed(length), 9), -length))
     tau = 1.0 + sum(held)
     node_ms = max(0.0, verify_ms(nodes + 2) - verify_ms(nodes + 1))
-    return replace(base, max_nodes=best, min_accept=min(1.0, node_ms * tau / round_ms))
+    chosen = replace(base, max_nodes=best, min_accept=min(1.0, node_ms * tau / round_ms))
+    if free_round_ms is None or not held or best == 0:
+        return chosen
+    per_node = lambda base_nodes: max(0.0, verify_ms(base_nodes + 1 + best) - verify_ms(base_nodes + 1)) / best  # noqa: E731
+    return replace(chosen, head_held=tuple(round(h, 4) for h in held), head_round_ms=round_ms,
+                   node_ms=per_node(nodes), free_round_ms=free_round_ms, free_node_ms=per_node(0))
 
 
 def describe_copy(copy: CopyConfig) -> str:
     """One line for the 'why this speed' panel."""
     if copy.max_nodes == 0:
         return "copy branches: none (an extra verify node costs more here than a copied token is expected to save)"
-    return (f"copy branches: up to {copy.branches} x {copy.length} tokens, at most {copy.max_nodes} extra nodes per "
+    line = (f"copy branches: up to {copy.branches} x {copy.length} tokens, at most {copy.max_nodes} extra nodes per "
             f"round; a copied token is drafted when P(accepted) >= {copy.min_accept:.2f} (the break-even of one "
             "more verify node here)")
+    if copy.head_held:
+        line += (f"; a round drafts copies alone (no head tree) when they are expected to commit faster: a round of "
+                 f"{copy.free_round_ms:.0f} ms instead of {copy.head_round_ms:.0f}")
+    return line

@@ -78,8 +78,12 @@ def copy_line(step: StepStats) -> str:
     sources = [s for s in (step.tree.sources or []) if s is not None] if step.tree is not None else []
     if not sources:
         return ""
-    return (f" Copy branches added {step.copy_nodes} nodes, copied from context positions "
+    line = (f" Copy branches added {step.copy_nodes} nodes, copied from context positions "
             f"{min(sources)}-{max(sources)}; {step.copy_accepted} of the committed tokens came from them.")
+    if step.head_free:
+        line += (" The head drafted nothing this round: the copies alone were expected to commit faster than its "
+                 "tree with them.")
+    return line
 
 
 def round_view(nanospec: RunTrace, eagle: RunTrace | None, round_number: int, decode: Callable[[list[int]], str],
