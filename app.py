@@ -22,7 +22,7 @@ import torch
 from nanospec_core.views import app_costs, locality_view, ui, zero_gpu
 from nanospec_core.compare import RunTrace, compare_runs, first_difference, lanes, top2_margin
 from nanospec_core.config import METHODS, GenerationConfig
-from nanospec_core.decode_thread import call as on_decode, on_decode_thread  # every forward on one thread
+from nanospec_core.decode_thread import call as on_decode, let_server_send, on_decode_thread  # one decode thread
 from nanospec_core.errors import NanoSpecError
 from nanospec_core.machine import on_zero_gpu
 from nanospec_core.paths import ASSETS, DEFAULT_QUESTIONS
@@ -89,7 +89,7 @@ class View:
         self.key = key  # (model, precision) of SESSIONS: the round view's later redraws find the session by it
         self.axes = ui.ChartAxes(gen.max_new_tokens, capacity)
         self.pieces: list[str] = []
-        self.last_update = self.last_charts = self.render_s = 0.0  # render_s: time spent building updates
+        self.last_update = self.last_charts = self.render_s = self.send_s = 0.0  # building / sending updates
 
     def due(self, done: bool) -> bool:
         return done or time.perf_counter() - self.last_update >= UPDATE_EVERY_S
@@ -176,8 +176,9 @@ def compare(prompt: str, model: str = MODEL, max_new_tokens=D["max_new_tokens"],
         for snap in runs:
             if view.due(snap.done):
                 yield view.render(snap, snap.done)
-        print(f"nanospec app: profile {ui.profile_line(snap.traces, view.render_s, time.perf_counter() - started)}",
-              flush=True)  # where the handler's time went (bench/app_bench.py reads it)
+                view.send_s += let_server_send() or 0.0  # that update's json goes out before the next round
+        profile = ui.profile_line(snap.traces, view.render_s, time.perf_counter() - started, view.send_s)
+        print(f"nanospec app: profile {profile}", flush=True)  # where the handler's time went (app_bench reads it)
     except Exception as error:  # noqa: BLE001
         raise user_error(error) from None
     finally:

@@ -89,7 +89,8 @@ def _advance(trace: RunTrace, stream: Iterator[StepStats], clock) -> StepStats |
 def compare_runs(session, prompt_ids: torch.Tensor, gen: GenerationConfig, tree: TreeConfig | None = None,
                  vocab: VocabConfig | None = None, methods: tuple[str, ...] = DEFAULT_METHODS,
                  decode_text: bool = True) -> Iterator[Snapshot]:
-    """Alternate one round of each method until all finish; yield a Snapshot after every alternation.
+    """Alternate one round of each method (the first of them rotating) until all finish; yield a Snapshot after
+    every alternation, its traces in `methods` order.
 
     Every stream is created (head and vocabulary policy set up) before any clock starts. With decode_text the
     traces' `text` is refreshed for the methods that advanced.
@@ -104,9 +105,13 @@ def compare_runs(session, prompt_ids: torch.Tensor, gen: GenerationConfig, tree:
     try:
         for method in methods:
             streams.append(session.stream(method, prompt_ids, gen, tree, vocab))
+        pairs, turn = list(zip(traces, streams)), 0
         while not all(trace.finished for trace in traces):
-            new_steps = {}
-            for trace, stream in zip(traces, streams):
+            new_steps, first = {}, turn % len(pairs)
+            turn += 1
+            # The first round of an alternation follows the caller's work on the snapshot (building and sending an
+            # update, a client parsing it on the same cores): who goes first rotates, so no lane always pays for it.
+            for trace, stream in pairs[first:] + pairs[:first]:
                 if trace.finished:
                     continue
                 step = _advance(trace, stream, clock)

@@ -14,8 +14,10 @@ decode thread too, where its caches were made.
 """
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, TypeVar
 
@@ -61,3 +63,29 @@ def on_decode_thread(iterator: Iterator[T]) -> Iterator[T]:
 def thread_id() -> int | None:
     """The decode thread's id (None before its first call): what the tests check every step ran on."""
     return _IDENT[0] if _IDENT else None
+
+
+async def _one_pass() -> None:
+    await asyncio.sleep(0)
+
+
+def let_server_send(passes: int = 3) -> float | None:
+    """Hold the next round until the server's event loop has run what was queued before now.
+
+    Gradio runs a sync generator's next() in an anyio worker thread and, as soon as an update is yielded, queues it
+    and calls next() again; the event loop then serialises the update (json of every figure) and writes it while the
+    next round runs. That json holds the GIL and a core: on a 2-core machine the round that follows an update (the
+    plain lane's, the first of each alternation) was the slow one. Each pass schedules a no-op on the loop and waits
+    for it; the loop runs callbacks in order, so the send queued before it has gone by then (a few passes cover the
+    send's own awaits). Returns the seconds it waited; None outside an anyio worker thread (CLI, benchmark, tests
+    without a server), where there is no loop to wait for.
+    """
+    from anyio import from_thread  # gradio's own dependency: only a server gets here with work to wait for
+
+    start = time.perf_counter()
+    try:
+        for _ in range(passes):
+            from_thread.run(_one_pass)
+    except RuntimeError:  # "can only be run from an AnyIO worker thread"
+        return None
+    return time.perf_counter() - start

@@ -1,5 +1,7 @@
 """The Gradio app: its compare handler on a tiny model (streaming, final texts, equality check, errors, Stop), the UI
 helpers it is built from, and the /compare endpoint of the launched app through gradio_client."""
+import json
+
 import gradio as gr
 import pandas as pd
 import pytest
@@ -328,6 +330,10 @@ def test_a_lanes_round_costs_in_the_served_app_what_it_costs_outside(app_server,
             outside[trace.method].append(trace.summary().round_ms)
     ratios = {m: min(served[m]) / min(outside[m]) for m in methods}
     assert all(r < 1.5 for r in ratios.values()), ratios
+    # and the handler held each round until the server had sent the update before it (decode_thread.let_server_send)
+    log = app_server.log_path.read_text(errors="replace").splitlines()
+    profiles = [json.loads(line.split(" profile ", 1)[1]) for line in log if line.startswith("nanospec app: profile ")]
+    assert len(profiles) >= 3 and all(p["sends_s"] > 0 for p in profiles[-3:]), profiles[-3:]
 
 
 def test_a_bf16_divergence_is_explained_with_the_target_margin():

@@ -56,3 +56,32 @@ def test_errors_and_context_variables_cross_over():
 
 def test_a_call_from_the_decode_thread_runs_inline():
     assert call(lambda: call(threading.get_ident)) == decode_thread.thread_id()
+
+
+def test_let_server_send_waits_for_the_send_the_loop_had_queued():
+    """In an anyio worker thread (where Gradio runs a sync generator) the next round waits until the event loop has
+    run a send queued before it, even one that takes a few awaits; outside a worker it returns None at once."""
+    import asyncio
+
+    import anyio
+
+    from nanospec_core.decode_thread import let_server_send
+
+    sent: list[str] = []
+
+    async def send():  # like the server's stream writer: json, then a couple of awaits until the bytes are out
+        for _ in range(2):
+            await asyncio.sleep(0)
+        sent.append("update")
+
+    def handler():
+        anyio.from_thread.run_sync(lambda: asyncio.get_running_loop().create_task(send()))  # the update is queued
+        waited = let_server_send()
+        return list(sent), waited
+
+    async def main():
+        return await anyio.to_thread.run_sync(handler)
+
+    seen, waited = anyio.run(main)
+    assert seen == ["update"] and waited is not None and waited >= 0
+    assert let_server_send() is None  # no server loop here

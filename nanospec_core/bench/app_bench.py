@@ -29,6 +29,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=1, help="app runs per example (the best is kept)")
     parser.add_argument("--out", default=None, help="output folder (default: bench_out/app_<timestamp>)")
+    parser.add_argument("--browser", action="store_true",
+                        help="also run each example once in headless chromium on this machine (playwright), as a "
+                             "visitor would: the page's own drawing shares the cores")
 
 
 def lane_rows(summaries: dict) -> dict[str, dict]:
@@ -77,6 +80,14 @@ def markdown(results: list[dict], machine: str) -> str:
                          f"{a['tokens_per_s']:.2f} | {ratio(a['tokens_per_s'], c['tokens_per_s'])} | "
                          f"{ratio(a['tokens_per_s'], o['tokens_per_s'])} | {c['ms_per_round']:.1f} | "
                          f"{a['ms_per_round']:.1f} |")
+    if any("browser" in r for r in results):
+        lines += ["", "In a browser: headless chromium on the same machine (playwright), the example's button and "
+                      "Generate clicked, the page's speed table read.", "",
+                  "| example | lane | cli tok/s | browser tok/s | browser / cli |", "|---|---|---|---|---|"]
+        for r in results:
+            for method in LANES:
+                c, b = r["cli"][method]["tokens_per_s"], r["browser"][method]["tokens_per_s"]
+                lines.append(f"| {r['example']} | {method} | {c:.2f} | {b:.2f} | {ratio(b, c)} |")
     lines += ["", "Forecast: the cost model's (`model`) and the app's, corrected by its earlier runs here (`shown`, "
                   "views/app_costs.py), against the app's measured plain step and NanoSpec round.", "",
               "| example | plain ms: model / shown / app | model / app | shown / app | round ms: model / shown / app | "
@@ -90,13 +101,13 @@ def markdown(results: list[dict], machine: str) -> str:
                      f"{ratio(f['round_ms'], round_)} |")
     lines += ["", "Where the app's time goes (seconds per comparison; the handler's own profile line, and the client's "
                   "wall time around it):", "",
-              "| example | client | handler | lanes' rounds | building updates | rest of the handler | server + HTTP |",
-              "|---|---|---|---|---|---|---|"]
+              "| example | client | handler | lanes' rounds | building updates | waiting for sends | rest of the handler | "
+              "server + HTTP |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         p = r.get("profile") or {}
         if "handler_s" in p:
             lines.append(f"| {r['example']} | {p['client_s']:.2f} | {p['handler_s']:.2f} | {p['decode_s']:.2f} | "
-                         f"{p['views_s']:.2f} | {p['other_s']:.2f} | {p['client_s'] - p['handler_s']:.2f} |")
+                         f"{p['views_s']:.2f} | {p.get('sends_s', 0.0):.2f} | {p['other_s']:.2f} | {p['client_s'] - p['handler_s']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -104,10 +115,13 @@ def run(args) -> int:
     from gradio_client import Client
 
     from ..session import Session
+    from .app_browser import AppBrowser
     from .app_server import AppServer
 
     if not 1 <= args.examples <= len(ui.EXAMPLES):
         raise NanoSpecError(f"--examples must be 1..{len(ui.EXAMPLES)}")
+    if args.browser and args.max_new_tokens != ui.DEFAULTS["max_new_tokens"]:
+        raise NanoSpecError(f"--browser runs the page's defaults: --max-new-tokens {ui.DEFAULTS['max_new_tokens']}")
     out = Path(args.out or f"bench_out/app_{time.strftime('%Y%m%d_%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     session = Session(args.model, dtype=args.dtype, device=args.device)
@@ -121,9 +135,10 @@ def run(args) -> int:
     # The server starts first and idles while the references run (an idle Gradio server takes no CPU): per example
     # the three measurements follow each other, so a machine whose speed drifts over minutes (a shared host) biases
     # none of the ratios.
-    server = AppServer(args.model, out / "app.log", dtype=dtype, head=args.head, threads=None)
+    server, browser = AppServer(args.model, out / "app.log", dtype=dtype, head=args.head, threads=None), None
     try:
         client = Client(server.wait_ready(), verbose=False)
+        browser = AppBrowser(server.url) if args.browser else None
         for label, prompt in examples:
             ids = session.encode(prompt)
             session.run("vanilla", ids, gen)  # warm: first-call costs out of the first figure
@@ -139,8 +154,13 @@ def run(args) -> int:
                             "model": {"plain_ms": prediction.plain_ms, "round_ms": prediction.round_ms},
                             "forecast": {"plain_ms": shown.plain_ms, "round_ms": shown.round_ms,
                                          "correction": shown.correction}})
+            if browser is not None:
+                labelled = frame_rows(browser.run(label))
+                results[-1]["browser"] = {method: labelled[ui.lane_label(method)] for method in LANES}
             print(f"[app-bench] {label}: done", flush=True)
     finally:
+        if browser is not None:
+            browser.close()
         server.stop()
     table = markdown(results, machine)
     (out / "app_bench.json").write_text(json.dumps({"machine": machine, "dtype": dtype, "tree": vars(tree),

@@ -311,12 +311,13 @@ def status_line(traces, stopped: bool = False, runtime: str = "", forecast: str 
     return f"{state}: {lanes}" + (f" · {forecast}" if forecast else "") + (f" · {runtime}" if runtime else "")
 
 
-def profile_line(traces, views_s: float, handler_s: float) -> str:
+def profile_line(traces, views_s: float, handler_s: float, sends_s: float = 0.0) -> str:
     """One JSON line: the handler's wall time split into the lanes' own rounds (decode), building the updates
-    (views) and the rest (generator hand-offs, the decode thread's queue, waiting for the server to take an update)."""
+    (views), waiting for the server to send them before the next round (sends) and the rest (generator hand-offs,
+    the decode thread's queue)."""
     import json
 
     decode = sum(trace.wall_s for trace in traces)
     return json.dumps({"handler_s": round(handler_s, 4), "decode_s": round(decode, 4), "views_s": round(views_s, 4),
-                       "other_s": round(handler_s - decode - views_s, 4),
+                       "sends_s": round(sends_s, 4), "other_s": round(handler_s - decode - views_s - sends_s, 4),
                        "lanes_s": {trace.method: round(trace.wall_s, 4) for trace in traces}})
