@@ -164,8 +164,7 @@ def compare(prompt: str, model: str = MODEL, max_new_tokens=D["max_new_tokens"],
             capacity=D["capacity"], prompt_topk=D["prompt_topk"], node_topk=D["node_topk"],
             static_core=D["static_core"], fallback_threshold=D["fallback_threshold"],
             precision=next(iter(ui.PRECISIONS)), copies=ui.COPIES):
-    """Stream plain decoding, EAGLE and EAGLE + NanoSpec (copies: both with copy branches), a round of each in turn;
-    the last update carries the final texts. precision: a ui.PRECISIONS label (or 'auto' / 'float32')."""
+    """Stream the three lanes a round each in turn (copies: EAGLE lanes with copy branches); precision: see ui."""
     arguments = dict(locals())
     values = {name: arguments[name] for name in SETTINGS}
     session, prompt_ids, gen, tree, vocab, key = prepare(prompt, model, values, precision)
