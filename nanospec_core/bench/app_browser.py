@@ -38,6 +38,21 @@ def number(text: str):
         return text
 
 
+def run_example(page, label: str) -> dict:
+    """On a page showing the app: click example `label`, Generate, wait for 'done'; the speed table read."""
+    prompt = dict(ui.EXAMPLES)[label]
+    page.get_by_role("button", name=label, exact=True).click()
+    page.wait_for_function("(p) => document.querySelector('#prompt textarea').value === p", arg=prompt)
+    before = page.locator("#status").inner_text()
+    page.click("#generate")
+    page.wait_for_function("(before) => { const s = document.querySelector('#status')?.innerText || ''; "
+                           "return s.startsWith('done') && s !== before; }", arg=before, timeout=RUN_TIMEOUT_MS)
+    table = page.evaluate(READ_TABLE)
+    if not table or not table["rows"]:
+        raise NanoSpecError("the page's speed table (#summary) was not found or empty")
+    return {"headers": table["headers"], "data": [[number(cell) for cell in row] for row in table["rows"]]}
+
+
 class AppBrowser:
     """One chromium page on the app at `url`; run(label) clicks that example, Generate, waits for 'done'."""
 
@@ -57,18 +72,7 @@ class AppBrowser:
         self.page.wait_for_selector("#prompt textarea")
 
     def run(self, label: str) -> dict:
-        prompt = dict(ui.EXAMPLES)[label]
-        page = self.page
-        page.get_by_role("button", name=label, exact=True).click()
-        page.wait_for_function("(p) => document.querySelector('#prompt textarea').value === p", arg=prompt)
-        before = page.locator("#status").inner_text()
-        page.click("#generate")
-        page.wait_for_function("(before) => { const s = document.querySelector('#status')?.innerText || ''; "
-                               "return s.startsWith('done') && s !== before; }", arg=before, timeout=RUN_TIMEOUT_MS)
-        table = page.evaluate(READ_TABLE)
-        if not table or not table["rows"]:
-            raise NanoSpecError("the page's speed table (#summary) was not found or empty")
-        return {"headers": table["headers"], "data": [[number(cell) for cell in row] for row in table["rows"]]}
+        return run_example(self.page, label)
 
     def close(self) -> None:
         self._browser.close()
