@@ -49,6 +49,12 @@ def frame_rows(frame) -> dict[str, dict]:
                             "ms_per_round": row["ms/round"]} for row in rows}
 
 
+def lane_table(frame) -> dict[str, dict]:
+    """The app's speed table -> the app's lanes (LANES) -> row: what the HTTP and the browser runs both report."""
+    labelled = frame_rows(frame)
+    return {method: labelled[ui.lane_label(method)] for method in LANES}
+
+
 def through_app(client, prompt: str, values: dict, log: Path) -> dict:
     """One comparison over HTTP: the lanes' rows from the final summary, the client's wall time, and the handler's
     own profile line from the server's log (app.py prints one per finished comparison)."""
@@ -58,10 +64,9 @@ def through_app(client, prompt: str, values: dict, log: Path) -> dict:
     outputs = client.predict(prompt, app.MODEL, *(values[name] for name in app.SETTINGS), next(iter(ui.PRECISIONS)),
                              ui.COPIES, api_name="/compare")
     wall = time.perf_counter() - started
-    labelled = frame_rows(outputs[app.OUTPUTS.index("summary")])
     marker = "nanospec app: profile "
     profiles = [line.split(marker, 1)[1] for line in log.read_text().splitlines() if marker in line]
-    return {"lanes": {method: labelled[ui.lane_label(method)] for method in LANES}, "client_s": round(wall, 4),
+    return {"lanes": lane_table(outputs[app.OUTPUTS.index("summary")]), "client_s": round(wall, 4),
             "profile": json.loads(profiles[-1]) if profiles else None}
 
 
@@ -101,13 +106,14 @@ def markdown(results: list[dict], machine: str) -> str:
                      f"{ratio(f['round_ms'], round_)} |")
     lines += ["", "Where the app's time goes (seconds per comparison; the handler's own profile line, and the client's "
                   "wall time around it):", "",
-              "| example | client | handler | lanes' rounds | building updates | waiting for sends | rest of the handler | "
-              "server + HTTP |", "|---|---|---|---|---|---|---|---|"]
+              "| example | client | handler | lanes' rounds | building updates | waiting for sends | "
+              "rest of the handler | server + HTTP |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         p = r.get("profile") or {}
         if "handler_s" in p:
             lines.append(f"| {r['example']} | {p['client_s']:.2f} | {p['handler_s']:.2f} | {p['decode_s']:.2f} | "
-                         f"{p['views_s']:.2f} | {p.get('sends_s', 0.0):.2f} | {p['other_s']:.2f} | {p['client_s'] - p['handler_s']:.2f} |")
+                         f"{p['views_s']:.2f} | {p.get('sends_s', 0.0):.2f} | {p['other_s']:.2f} | "
+                         f"{p['client_s'] - p['handler_s']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -155,8 +161,7 @@ def run(args) -> int:
                             "forecast": {"plain_ms": shown.plain_ms, "round_ms": shown.round_ms,
                                          "correction": shown.correction}})
             if browser is not None:
-                labelled = frame_rows(browser.run(label))
-                results[-1]["browser"] = {method: labelled[ui.lane_label(method)] for method in LANES}
+                results[-1]["browser"] = lane_table(browser.run(label))
             print(f"[app-bench] {label}: done", flush=True)
     finally:
         if browser is not None:
