@@ -2,7 +2,8 @@
 and the temporal-locality view. `python app.py`: the embedded Qwen2.5-Coder-0.5B-Instruct with its shipped head.
 Environment (defaults): NANOSPEC_MODEL ('embedded'), NANOSPEC_DTYPE (auto: measured, machine.py), NANOSPEC_HEAD
 (the shipped head), NANOSPEC_QUESTIONS (Benchmark tab), NANOSPEC_ANY_MODEL=1 (hub ids, local folders), NANOSPEC_CACHE
-(cache.py), GRADIO_SERVER_NAME / _PORT. Wiring only: runs in nanospec_core.compare, views in nanospec_core.views.
+(cache.py), NANOSPEC_REFRESH ('TEXTS_S,CHARTS_S' while running; default: by where the page is drawn,
+views/live_view.py), GRADIO_SERVER_NAME / _PORT. Wiring only: runs in nanospec_core.compare, views in nanospec_core.views.
 """
 from __future__ import annotations
 
@@ -19,17 +20,16 @@ except ImportError:  # everywhere else the decorator below changes nothing
 import gradio as gr
 import torch
 
-from nanospec_core.views import app_costs, locality_view, ui, zero_gpu
-from nanospec_core.compare import RunTrace, compare_runs, first_difference, lanes, top2_margin
-from nanospec_core.config import METHODS, GenerationConfig
+from nanospec_core.views import app_costs, live_view, locality_view, ui, zero_gpu
+from nanospec_core.compare import RunTrace, compare_runs, lanes
+from nanospec_core.config import METHODS
 from nanospec_core.decode_thread import call as on_decode, let_server_send, on_decode_thread  # one decode thread
 from nanospec_core.errors import NanoSpecError
 from nanospec_core.machine import on_zero_gpu
 from nanospec_core.paths import ASSETS, DEFAULT_QUESTIONS
-from nanospec_core.views.round_view import drafted_rounds, round_view
+from nanospec_core.views.round_view import round_view
 from nanospec_core.session import Session
 from nanospec_core.views.session_cache import SessionCache
-from nanospec_core.views.why import why_markdown
 
 GPU = (lambda duration: spaces.GPU(duration=duration)) if spaces else (lambda duration: lambda fn: fn)  # noqa: E731
 MODEL = os.environ.get("NANOSPEC_MODEL", "embedded")
@@ -37,8 +37,7 @@ DTYPE = os.environ.get("NANOSPEC_DTYPE", "auto")  # Session picks the fastest dt
 HEAD = os.environ.get("NANOSPEC_HEAD") or None
 ANY_MODEL = os.environ.get("NANOSPEC_ANY_MODEL", "") == "1"
 QUESTIONS = str(DEFAULT_QUESTIONS)  # NANOSPEC_QUESTIONS overrides it (nanospec_core/paths.py)
-UPDATE_EVERY_S = 0.25  # texts and table refresh at most this often (the last round always shows)
-CHART_EVERY_S = 1.5  # charts and the locality view: plotly redraws are the browser's heaviest work
+REFRESH = os.environ.get("NANOSPEC_REFRESH")  # 'TEXTS_S,CHARTS_S' while running; default: views/live_view.py
 SETTINGS = list(ui.LIMITS)  # max_new_tokens, temperature, seed, depth, top_k, total_tokens, capacity, ...
 OUTPUTS = ["plain_text", "eagle_text", "nanospec_text", "status", "identical", "summary", "why", "vocab_plot",
            "latency_plot", "locality", "growth_plot", "origins", "round_slider", "nanospec_tree", "eagle_tree",
@@ -74,87 +73,6 @@ def prepare(prompt, model, values: dict, precision=None):
         raise user_error(error) from None
 
 
-class View:
-    """Turns Snapshots into the compare outputs; keeps the axes and the decoded locality pieces between rounds.
-    Texts, status and table refresh every UPDATE_EVERY_S; the charts, the locality view and the round view (heavier
-    to send and to draw in the browser) every CHART_EVERY_S, and always with the last round. While running, the
-    round view follows the newest round; once done it shows the round with the longest accepted path."""
-
-    def __init__(self, session: Session, gen: GenerationConfig, capacity: int, prompt_ids=None,
-                 key: tuple[str, str] | None = None, tree=None, methods=lanes(ui.COPIES)):
-        self.session, self.gen, self.prompt_ids, self.methods = session, gen, prompt_ids, methods
-        self.raw = session.tree_prediction(tree) if tree is not None else None  # the cost model's view
-        self.costs = app_costs.key(session, methods[2])
-        self.prediction = app_costs.corrected(self.raw, app_costs.load(self.costs))  # and the app's runs
-        self.key = key  # (model, precision) of SESSIONS: the round view's later redraws find the session by it
-        self.axes = ui.ChartAxes(gen.max_new_tokens, capacity)
-        self.pieces: list[str] = []
-        self.last_update = self.last_charts = self.render_s = self.send_s = 0.0  # building / sending updates
-
-    def due(self, done: bool) -> bool:
-        return done or time.perf_counter() - self.last_update >= UPDATE_EVERY_S
-
-    def margins(self, traces, done: bool) -> dict[str, float]:
-        """Per lane, the target's top-2 logit margin at its first greedy difference from plain decoding (done, bf16)."""
-        if not done or self.gen.temperature > 0 or self.prompt_ids is None or self.session.dtype == torch.float32:
-            return {}
-        reference, found = traces[0].token_ids, {}
-        for trace in traces[1:]:
-            position = first_difference(reference, trace.token_ids)
-            if position is not None and position < min(len(reference), len(trace.token_ids)):
-                prefix = reference[:position]
-                found[trace.method] = on_decode(top2_margin, self.session.target, self.prompt_ids, prefix)[0]
-        return found
-
-    def rounds_update(self, snap, done: bool) -> dict:
-        """The slider, both trees and the details for the round to show now, and the state the slider reads."""
-        eagle, nanospec = snap.traces[1:]
-        rounds = drafted_rounds(nanospec)
-        if not rounds:
-            return {}
-        pick = rounds[-1]
-        if done:
-            pick = max(nanospec.rounds, key=lambda s: (len(s.tree.path) if s.tree else -1, -s.round)).round
-        view = round_view(nanospec, eagle, pick, self.session.decode, self.session.target.vocab_size)
-        return {"round_slider": gr.Slider(minimum=rounds[0], maximum=max(rounds[-1], rounds[0] + 1), value=pick,
-                                          interactive=True),
-                "nanospec_tree": view.nanospec_figure, "eagle_tree": view.eagle_figure,
-                "round_details": view.details, "rounds": (self.key, snap.traces)}
-
-    def render(self, snap, done: bool) -> tuple:
-        now = self.last_update = time.perf_counter()
-        traces, (eagle, nanospec) = snap.traces, snap.traces[1:]
-        dtype = str(self.session.dtype).removeprefix("torch.")
-        values = {
-            "plain_text": traces[0].text, "eagle_text": eagle.text, "nanospec_text": nanospec.text,
-            "status": ui.status_line(traces, runtime=self.session.runtime.describe(),
-                                     forecast=ui.forecast(self.prediction)),
-            "identical": ui.identity_check(traces, self.gen.temperature, self.session.decode, dtype,
-                                           self.margins(traces, done)),
-            "summary": ui.summary_frame(traces),
-        }
-        if done:  # the break-even arithmetic, from this run's rounds and the machine's cost curve; then learn
-            values["why"] = why_markdown(list(traces), self.prediction, self.session.tree_costs()["verify"]
-                                         if self.prediction else None, self.session.target.vocab_size,
-                                         self.session.runtime.machine)
-            app_costs.record(self.costs, traces[0], nanospec, self.raw)  # the next forecast's scale
-        if done or now - self.last_charts >= CHART_EVERY_S:
-            self.last_charts = now
-            self.axes.fit(eagle, nanospec)
-            self.pieces += locality_view.token_pieces(self.session.decode, nanospec.token_ids, start=len(self.pieces))
-            vocab_size = self.session.target.vocab_size
-            values.update({
-                "vocab_plot": ui.vocab_hit_figure(nanospec, self.axes, vocab_size),
-                "latency_plot": ui.latency_figure(eagle, nanospec, self.axes),
-                "locality": locality_view.locality_spans(self.pieces, locality_view.token_labels(nanospec)),
-                "growth_plot": locality_view.growth_figure(nanospec, self.gen.max_new_tokens, vocab_size),
-                "origins": locality_view.origin_shares(nanospec),
-                **self.rounds_update(snap, done),
-            })
-        self.render_s += time.perf_counter() - now  # (the tuple below costs nothing next to the figures)
-        return tuple(values.get(name, gr.skip()) for name in OUTPUTS)
-
-
 D = ui.DEFAULTS
 
 
@@ -163,18 +81,25 @@ def compare(prompt: str, model: str = MODEL, max_new_tokens=D["max_new_tokens"],
             seed=D["seed"], depth=D["depth"], top_k=D["top_k"], total_tokens=D["total_tokens"],
             capacity=D["capacity"], prompt_topk=D["prompt_topk"], node_topk=D["node_topk"],
             static_core=D["static_core"], fallback_threshold=D["fallback_threshold"],
-            precision=next(iter(ui.PRECISIONS)), copies=ui.COPIES):
-    """Stream the three lanes a round each in turn (copies: EAGLE lanes with copy branches); precision: see ui."""
+            precision=next(iter(ui.PRECISIONS)), copies=ui.COPIES, request: gr.Request = None):
+    """Stream the three lanes a round each in turn (copies: EAGLE lanes with copy branches); precision: see ui;
+    request (Gradio's): where the page is drawn sets how often it refreshes (live_view.choose_refresh)."""
     arguments = dict(locals())
     values = {name: arguments[name] for name in SETTINGS}
     session, prompt_ids, gen, tree, vocab, key = prepare(prompt, model, values, precision)
-    view = View(session, gen, vocab.capacity, prompt_ids, key, tree, lanes(bool(copies)))
+    try:
+        host = request.client.host if request is not None and request.client else None
+        refresh = live_view.choose_refresh(host, len(os.sched_getaffinity(0)), torch.get_num_threads(), REFRESH)
+    except NanoSpecError as error:
+        raise user_error(error) from None
+    view = live_view.View(session, gen, vocab.capacity, prompt_ids, key, tree, lanes(bool(copies)), refresh)
     runs = on_decode_thread(compare_runs(session, prompt_ids, gen, tree, vocab, methods=view.methods))
     started = time.perf_counter()
     try:
         for snap in runs:
             if view.due(snap.done):
-                yield view.render(snap, snap.done)
+                update = view.render(snap, snap.done)
+                yield tuple(update.get(name, gr.skip()) for name in OUTPUTS)
                 view.send_s += let_server_send() or 0.0  # that update's json goes out before the next round
         profile = ui.profile_line(snap.traces, view.render_s, time.perf_counter() - started, view.send_s)
         print(f"nanospec app: profile {profile}", flush=True)  # where the handler's time went (app_bench reads it)

@@ -33,8 +33,7 @@ def model(tiny_model_dir):
 @pytest.fixture
 def every_round(monkeypatch):
     """Refresh the UI on every round (the app throttles to a few updates per second)."""
-    monkeypatch.setattr(app, "UPDATE_EVERY_S", 0.0)
-    monkeypatch.setattr(app, "CHART_EVERY_S", 0.0)
+    monkeypatch.setattr(app, "REFRESH", "0,0")
 
 
 def compare(prompt, model, copies=ui.COPIES, **settings):
@@ -64,6 +63,21 @@ def test_three_texts_stream_and_the_last_update_carries_the_final_texts(model, e
     assert final["status"].startswith("done")
     assert not any(skipped(v) for v in final.values())  # the last round always refreshes everything
     assert len(final["locality"]) > 0
+
+
+def test_the_refresh_periods_decide_which_rounds_reach_the_page(model, monkeypatch):
+    """NANOSPEC_REFRESH (or the viewer's place, live_view.choose_refresh) sets how often a run refreshes: with
+    periods longer than the run only the first round and the last are sent; the status says so while running."""
+    monkeypatch.setattr(app, "REFRESH", "1000,1000")
+    updates = [named(u) for u in compare(PROMPT, model, **SMALL)]
+    assert len(updates) == 2, [u["status"] for u in updates]
+    assert "(NANOSPEC_REFRESH)" in updates[0]["status"] and "(NANOSPEC_REFRESH)" not in updates[1]["status"]
+    assert updates[1]["status"].startswith("done") and not skipped(updates[1]["vocab_plot"])
+    monkeypatch.setattr(app, "REFRESH", "0,0")
+    assert len(list(compare(PROMPT, model, **SMALL))) > 2
+    monkeypatch.setattr(app, "REFRESH", "fast")
+    with pytest.raises(gr.Error, match="NANOSPEC_REFRESH must be"):
+        list(compare(PROMPT, model, **SMALL))
 
 
 def test_greedy_outputs_are_identical_and_the_check_says_so(model):
@@ -208,7 +222,8 @@ def test_session_cache_keeps_at_most_two_models_and_notes_random_heads(monkeypat
 def test_compare_parameters_follow_the_controls_order():
     import inspect
 
-    assert list(inspect.signature(app.compare).parameters) == ["prompt", "model", *app.SETTINGS, "precision", "copies"]
+    names = ["prompt", "model", *app.SETTINGS, "precision", "copies", "request"]  # request: Gradio's, not a control
+    assert list(inspect.signature(app.compare).parameters) == names
 
 
 def test_benchmark_tab_runs_a_small_spec_bench_selection(model, tmp_path, monkeypatch):

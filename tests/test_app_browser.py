@@ -140,13 +140,15 @@ def test_float32_is_one_click_away_and_gives_equal_outputs(page):
 
 def test_the_benchmarks_browser_reads_the_speed_table_a_run_shows(page):
     """app-bench --browser: bench/app_browser.run_example clicks an example and Generate, then reads each lane's row
-    (on this module's page: one playwright per thread)."""
+    (on this module's page: one playwright per thread), and browser_cpu_s counts the page's CPU while it ran."""
     from nanospec_core.bench.app_bench import frame_rows
-    from nanospec_core.bench.app_browser import run_example
+    from nanospec_core.bench.app_browser import browser_cpu_s, run_example
     from nanospec_core.compare import lanes
     from nanospec_core.views import ui
 
+    before = browser_cpu_s()
     rows = frame_rows(run_example(page, "translation"))
+    assert browser_cpu_s() > before > 0  # chromium, started under this process, drew the run
     labels = [ui.lane_label(method) for method in lanes(ui.COPIES)]
     assert set(labels) <= set(rows), rows
     assert all(rows[label]["tokens_per_s"] > 0 and rows[label]["ms_per_round"] > 0 for label in labels), rows

@@ -32,6 +32,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--browser", action="store_true",
                         help="also run each example once in headless chromium on this machine (playwright), as a "
                              "visitor would: the page's own drawing shares the cores")
+    parser.add_argument("--refresh", default=None, metavar="TEXTS_S,CHARTS_S",
+                        help="the served app's refresh periods while running (NANOSPEC_REFRESH; default: the app's "
+                             "own choice, views/live_view.py)")
 
 
 def lane_rows(summaries: dict) -> dict[str, dict]:
@@ -88,11 +91,14 @@ def markdown(results: list[dict], machine: str) -> str:
     if any("browser" in r for r in results):
         lines += ["", "In a browser: headless chromium on the same machine (playwright), the example's button and "
                       "Generate clicked, the page's speed table read.", "",
-                  "| example | lane | cli tok/s | browser tok/s | browser / cli |", "|---|---|---|---|---|"]
+                  "`page CPU`: chromium's CPU seconds over the run's wall seconds, in cores.", "",
+                  "| example | lane | cli tok/s | browser tok/s | browser / cli | page CPU |", "|---|---|---|---|---|---|"]
         for r in results:
             for method in LANES:
                 c, b = r["cli"][method]["tokens_per_s"], r["browser"][method]["tokens_per_s"]
-                lines.append(f"| {r['example']} | {method} | {c:.2f} | {b:.2f} | {ratio(b, c)} |")
+                share = r.get("browser_cpu", {}).get("share") if method == LANES[0] else None
+                lines.append(f"| {r['example']} | {method} | {c:.2f} | {b:.2f} | {ratio(b, c)} | "
+                             f"{'' if share is None else f'{share:.3f}'} |")
     lines += ["", "Forecast: the cost model's (`model`) and the app's, corrected by its earlier runs here (`shown`, "
                   "views/app_costs.py), against the app's measured plain step and NanoSpec round.", "",
               "| example | plain ms: model / shown / app | model / app | shown / app | round ms: model / shown / app | "
@@ -141,7 +147,9 @@ def run(args) -> int:
     # The server starts first and idles while the references run (an idle Gradio server takes no CPU): per example
     # the three measurements follow each other, so a machine whose speed drifts over minutes (a shared host) biases
     # none of the ratios.
-    server, browser = AppServer(args.model, out / "app.log", dtype=dtype, head=args.head, threads=None), None
+    server = AppServer(args.model, out / "app.log", dtype=dtype, head=args.head, threads=None,
+                       env_extra={"NANOSPEC_REFRESH": args.refresh})
+    browser = None
     try:
         client = Client(server.wait_ready(), verbose=False)
         browser = AppBrowser(server.url) if args.browser else None
@@ -162,6 +170,7 @@ def run(args) -> int:
                                          "correction": shown.correction}})
             if browser is not None:
                 results[-1]["browser"] = lane_table(browser.run(label))
+                results[-1]["browser_cpu"] = browser.last_cpu
             print(f"[app-bench] {label}: done", flush=True)
     finally:
         if browser is not None:
@@ -169,7 +178,7 @@ def run(args) -> int:
         server.stop()
     table = markdown(results, machine)
     (out / "app_bench.json").write_text(json.dumps({"machine": machine, "dtype": dtype, "tree": vars(tree),
-                                                    "results": results}, indent=1))
+                                                    "refresh": args.refresh, "results": results}, indent=1))
     (out / "app_bench.md").write_text(table)
     print(table)
     return 0

@@ -7,10 +7,12 @@ the server's rounds, so a lane's tokens/s in a browser can only be at or under t
     with AppBrowser(url) as browser:
         frame = browser.run("code")   # the speed table: {"headers": [...], "data": [[...], ...]}, as gradio_client
                                       # returns it (app_bench.frame_rows reads both)
+        browser.last_cpu              # {"cpu_s", "wall_s", "share"}: the page's CPU during that run (browser_cpu_s)
 """
 from __future__ import annotations
 
 import shutil
+import time
 
 from ..errors import NanoSpecError
 from ..views import ui
@@ -36,6 +38,22 @@ def number(text: str):
         return float(text)
     except ValueError:
         return text
+
+
+def browser_cpu_s() -> float:
+    """CPU seconds (user + system) used so far by the chromium processes under this one (playwright's driver starts
+    them): the page's parsing, layout and Plotly drawing, all of it on the cores the server decodes on."""
+    import psutil
+
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "chrom" in child.name().lower():
+                times = child.cpu_times()
+                total += times.user + times.system
+        except psutil.Error:  # a process that ended between the listing and the read
+            continue
+    return total
 
 
 def run_example(page, label: str) -> dict:
@@ -70,9 +88,16 @@ class AppBrowser:
         self.page.set_default_timeout(60_000)
         self.page.goto(url)
         self.page.wait_for_selector("#prompt textarea")
+        self.last_cpu: dict = {}
 
     def run(self, label: str) -> dict:
-        return run_example(self.page, label)
+        """run_example on this page; last_cpu: the page's CPU seconds over the run's wall seconds (share: in cores,
+        1.0 = one core busy drawing for the whole run, half of a 2-core machine)."""
+        cpu, started = browser_cpu_s(), time.perf_counter()
+        frame = run_example(self.page, label)
+        wall, used = time.perf_counter() - started, browser_cpu_s() - cpu
+        self.last_cpu = {"cpu_s": round(used, 3), "wall_s": round(wall, 3), "share": round(used / wall, 4)}
+        return frame
 
     def close(self) -> None:
         self._browser.close()
