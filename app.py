@@ -3,7 +3,8 @@ and the temporal-locality view. `python app.py`: the embedded Qwen2.5-Coder-0.5B
 Environment (defaults): NANOSPEC_MODEL ('embedded'), NANOSPEC_DTYPE (auto: measured, machine.py), NANOSPEC_HEAD
 (the shipped head), NANOSPEC_QUESTIONS (Benchmark tab), NANOSPEC_ANY_MODEL=1 (hub ids, local folders), NANOSPEC_CACHE
 (cache.py), NANOSPEC_REFRESH ('TEXTS_S,CHARTS_S' while running; default: by where the page is drawn,
-views/live_view.py), GRADIO_SERVER_NAME / _PORT. Wiring only: runs in nanospec_core.compare, views in nanospec_core.views.
+views/live_view.py), GRADIO_SERVER_NAME / _PORT. Wiring only: runs in nanospec_core.compare, views in
+nanospec_core.views.
 """
 from __future__ import annotations
 

@@ -92,7 +92,8 @@ def markdown(results: list[dict], machine: str) -> str:
         lines += ["", "In a browser: headless chromium on the same machine (playwright), the example's button and "
                       "Generate clicked, the page's speed table read.", "",
                   "`page CPU`: chromium's CPU seconds over the run's wall seconds, in cores.", "",
-                  "| example | lane | cli tok/s | browser tok/s | browser / cli | page CPU |", "|---|---|---|---|---|---|"]
+                  "| example | lane | cli tok/s | browser tok/s | browser / cli | page CPU |",
+                  "|---|---|---|---|---|---|"]
         for r in results:
             for method in LANES:
                 c, b = r["cli"][method]["tokens_per_s"], r["browser"][method]["tokens_per_s"]
