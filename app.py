@@ -90,7 +90,7 @@ def compare(prompt: str, model: str = MODEL, max_new_tokens=D["max_new_tokens"],
     session, prompt_ids, gen, tree, vocab, key = prepare(prompt, model, values, precision)
     try:
         host = request.client.host if request is not None and request.client else None
-        refresh = live_view.choose_refresh(host, len(os.sched_getaffinity(0)), torch.get_num_threads(), REFRESH)
+        refresh = live_view.choose_refresh(host, live_view.usable_cores(), torch.get_num_threads(), REFRESH)
     except NanoSpecError as error:
         raise user_error(error) from None
     view = live_view.View(session, gen, vocab.capacity, prompt_ids, key, tree, lanes(bool(copies)), refresh)

@@ -2,7 +2,7 @@
 import pytest
 
 from nanospec_core.errors import NanoSpecError
-from nanospec_core.views.live_view import LIVE, SHARED, choose_refresh
+from nanospec_core.views.live_view import LIVE, SHARED, choose_refresh, usable_cores
 
 
 def test_a_viewer_on_the_machine_that_decodes_on_every_core_gets_fewer_refreshes():
@@ -24,3 +24,11 @@ def test_the_setting_wins_and_a_bad_one_is_a_clear_error():
     for bad in ("fast", "1", "1,2,3", "a,b"):
         with pytest.raises(NanoSpecError, match="TEXTS_S,CHARTS_S"):
             choose_refresh(None, 2, 2, bad)
+
+
+def test_usable_cores_works_where_the_os_has_no_affinity_call(monkeypatch):
+    import os
+
+    assert usable_cores() >= 1
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # macOS, Windows
+    assert usable_cores() == (os.cpu_count() or 1)

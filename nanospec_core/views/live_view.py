@@ -15,6 +15,7 @@ pass": `app-bench --browser --refresh ...` reads chromium's CPU per run).
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -44,6 +45,11 @@ LIVE = Refresh()
 # The page drawn on the cores that decode: texts once a second, charts every 6 s (chromium's CPU measured, the
 # benchmark's third pass; the last round still brings everything).
 SHARED = Refresh(1.0, 6.0, "page refreshed every 1 s, charts every 6 s: this browser draws on the cores that decode")
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity where the OS tells, as in a container; else the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def choose_refresh(host: str | None, cores: int, threads: int, setting: str | None = None) -> Refresh:
