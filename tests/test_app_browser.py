@@ -12,11 +12,10 @@ import time
 
 import pytest
 
+from nanospec_core.bench.app_browser import CHROMIUM_ARGS  # the benchmark's flags: one list
 from tests.conftest import AppServer
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 RUN_TIMEOUT_MS = 120_000
 
 if not os.path.exists(CHROMIUM):
